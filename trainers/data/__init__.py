@@ -1,0 +1,41 @@
+"""Datasets, benchmarks (ID task + OOD shifts) and class-space mappings.
+
+``benchmark`` holds the containers (:class:`Benchmark`, :class:`EvalSet`, the datasets) and the
+class-group helpers; ``folders`` builds a benchmark from image folders and CSV lists on disk.
+"""
+
+from .benchmark import (
+    ArrayImageDataset,
+    Benchmark,
+    DataError,
+    EvalSet,
+    FileImageDataset,
+    identity_groups,
+    mapped_groups,
+    ood_average,
+    subset_groups,
+)
+from .folders import (
+    IMAGE_EXTENSIONS,
+    ShiftSource,
+    load_csv_split,
+    load_imagefolder_benchmark,
+    load_shift,
+)
+
+__all__ = [
+    "ArrayImageDataset",
+    "Benchmark",
+    "DataError",
+    "EvalSet",
+    "FileImageDataset",
+    "IMAGE_EXTENSIONS",
+    "ShiftSource",
+    "identity_groups",
+    "load_csv_split",
+    "load_imagefolder_benchmark",
+    "load_shift",
+    "mapped_groups",
+    "ood_average",
+    "subset_groups",
+]
