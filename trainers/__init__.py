@@ -1,0 +1,1 @@
+"""Training-side code of orch: data, models, fine-tuning methods, metrics."""

@@ -1,0 +1,1 @@
+"""The procedural toy world: a tiny CLIP-like setting where robust fine-tuning effects show up."""
