@@ -321,6 +321,9 @@ class Benchmark:
     test: EvalSet
     shifts: dict[str, EvalSet] = field(default_factory=dict)
     train_eval: Dataset | None = None
+    # Evaluated and reported like shifts but NOT in the OOD average (e.g. the toy world's
+    # shortcut-free ID images, which tell whether fine-tuning learnt something that transfers).
+    diagnostics: dict[str, EvalSet] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         classnames = tuple(str(c) for c in self.classnames)
@@ -328,6 +331,7 @@ class Benchmark:
         object.__setattr__(self, "classnames", classnames)
         object.__setattr__(self, "templates", _as_templates(self.templates))
         object.__setattr__(self, "shifts", dict(self.shifts))
+        object.__setattr__(self, "diagnostics", dict(self.diagnostics))
         n = len(classnames)
         for role, eval_set in ((ID_VAL, self.val), (ID_TEST, self.test)):
             if eval_set.class_groups != identity_groups(n):
@@ -335,7 +339,10 @@ class Benchmark:
                     f"benchmark {self.name!r}: {role} set {eval_set.name!r} must use identity "
                     f"groups over all {n} ID classes"
                 )
-        for shift_name, shift in self.shifts.items():
+        extra = {**self.shifts, **self.diagnostics}
+        if len(extra) != len(self.shifts) + len(self.diagnostics):
+            raise DataError(f"benchmark {self.name!r}: a diagnostic set shares a shift's name")
+        for shift_name, shift in extra.items():
             if shift_name in (ID_VAL, ID_TEST):
                 raise DataError(f"benchmark {self.name!r}: shift name {shift_name!r} is reserved")
             if shift.max_id_class >= n:
@@ -353,5 +360,5 @@ class Benchmark:
         return tuple(self.shifts)
 
     def eval_sets(self) -> dict[str, EvalSet]:
-        """``{"id_val": ..., "id_test": ..., **shifts}`` in that order."""
-        return {ID_VAL: self.val, ID_TEST: self.test, **self.shifts}
+        """``{"id_val": ..., "id_test": ..., **shifts, **diagnostics}`` in that order."""
+        return {ID_VAL: self.val, ID_TEST: self.test, **self.shifts, **self.diagnostics}

@@ -1,0 +1,142 @@
+"""Typed parsing of YAML mappings into frozen dataclasses, with the field's path in
+every error ("method.lr: expected a number, got 'fast'").
+
+Small on purpose: it understands the types sweep files use (bool, int, float, str,
+Optional, tuple/list of X, dict of str -> X, nested dataclasses), rejects unknown
+keys, and leaves value checks to each dataclass's `__post_init__`, whose ValueError
+is re-raised with the path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union, get_args, get_origin
+
+
+class SpecError(ValueError):
+    """A sweep file that cannot run; `str()` is one line naming the field."""
+
+    def __init__(self, path: str, message: str):
+        self.path, self.message = path, message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    origin = get_origin(tp)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; returns the converted value."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, path)
+            except SpecError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise SpecError(path, f"expected one of {', '.join(_type_name(o) for o in options)}, "
+                              f"got {_describe(value)}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            args = get_args(tp)
+            item_tp = args[0] if args else Any
+            items = [coerce(v, item_tp, _join(path, i)) for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_tp, val_tp = get_args(tp) or (str, Any)
+            out = {}
+            for key, val in value.items():
+                if not isinstance(key, str):
+                    raise SpecError(_join(path, str(key)), "keys must be strings")
+                out[key] = coerce(val, val_tp, _join(path, key))
+            return out
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return parse_dataclass(tp, value, path)
+    else:
+        raise TypeError(f"schema: unsupported annotation {tp!r} at {path}")
+    raise SpecError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_dataclass(cls: type, data: Any, path: str = "", exclude: tuple[str, ...] = ()):
+    """Build `cls` from a mapping: unknown keys, missing required keys, wrong types and
+    the class's own ValueErrors all become SpecError naming the field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(path, f"expected a mapping, got {_describe(data)}")
+    types_ = field_types(cls)
+    allowed = [name for name in types_ if name not in exclude]
+    unknown = [key for key in data if key not in allowed]
+    if unknown:
+        raise SpecError(_join(path, str(unknown[0])),
+                        f"unknown key (allowed: {', '.join(allowed) or 'none'})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+                    and f.name not in exclude:
+                raise SpecError(_join(path, f.name), "required key is missing")
+            continue
+        kwargs[f.name] = coerce(data[f.name], types_[f.name], _join(path, f.name))
+    try:
+        return cls(**kwargs)
+    except SpecError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise SpecError(path, str(err)) from None

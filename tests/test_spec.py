@@ -1,0 +1,136 @@
+"""Sweep-file validation: every mistake is one line naming the field, exit code 2,
+nothing started; --dry-run prints the plan."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.spec import load_spec
+
+GOOD = {
+    "name": "t",
+    "benchmark": {"source": "toyworld", "train_size": 64, "eval_size": 32},
+    "model": {"arch": "toy"},
+    "method": {"name": "ft", "lr": 3e-4, "epochs": 1, "batch_size": 16},
+    "grid": {"lr": [1e-4, 3e-4], "seed": [0, 1]},
+    "ensemble": {"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+}
+
+
+def write(tmp_path, data, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return path
+
+
+def with_(change: dict, drop: tuple = ()) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in GOOD.items()}
+    for dotted, value in change.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    for dotted in drop:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    return data
+
+
+def test_good_file_expands_grid_in_order(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    trials = spec.trials()
+    assert [(t.options.lr, t.seed) for t in trials] == [(1e-4, 0), (1e-4, 1), (3e-4, 0), (3e-4, 1)]
+    assert all(t.options.epochs == 1 and t.options.batch_size == 16 for t in trials)
+    assert spec.alphas == (0.0, 0.5, 1.0)
+    assert spec.storage_path.is_absolute()
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    path = write(tmp_path, "name: t\nmethod: {name: ft, lr: 3e-4}\n")
+    assert load_spec(path).method_options.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("data, field, words", [
+    (with_({"bogus": 1}), "bogus", "unknown key"),
+    (with_({"method.lrr": 0.1}), "method.lrr", "unknown key"),
+    (with_({"method.lr": "fast"}), "method.lr", "expected a number"),
+    (with_({"method.epochs": 1.5}), "method.epochs", "expected an integer"),
+    (with_({"method.lr": -1.0}), "method", "lr must be > 0"),
+    (with_({"method.name": "sgd"}), "method.name", "unknown method"),
+    (with_({"grid.momentum": [0.9]}), "grid.momentum", "not an option"),
+    (with_({"grid.lr": [1e-4, "x"]}), "grid.lr[1]", "expected a number"),
+    (with_({"grid.lr": [1e-4, -2.0]}), "grid.lr[1]", "lr must be > 0"),
+    (with_({"grid.seed": []}), "grid.seed", "non-empty list"),
+    (with_({"ensemble.alphas": [0.0, 1.5]}), "ensemble", "alphas must lie in [0, 1]"),
+    (with_({"ensemble.name": "ft"}), "ensemble.name", "unknown ensemble"),
+    (with_({"benchmark.source": "hdf5"}), "benchmark", "source must be one of"),
+    (with_({"resources.gpus_per_trial": -1}), "resources", "gpus_per_trial"),
+    (with_({}, drop=("name",)), "name", "required"),
+    (with_({"benchmark": {"source": "imagefolder", "root": "/nonexistent/orch-data"}}),
+     "benchmark.root", "does not exist"),
+    (with_({"benchmark": {"source": "csv", "train": "/nonexistent/t.csv"}}),
+     "benchmark.train", "does not exist"),
+    (with_({"model.arch": "ViT-Q-99"}), "model.arch", "unknown open_clip architecture"),
+    (with_({"model": {"arch": "ViT-B-32", "pretrained": "/nonexistent/w.pt"}}),
+     "model.pretrained", "does not exist"),
+])
+def test_cli_rejects_bad_files_with_one_line(tmp_path, data, field, words):
+    path = write(tmp_path, data)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    assert f"{field}:" in lines[0] and words in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_shift_folder_missing_names_the_shift(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    data = with_({"benchmark": {"source": "imagefolder", "root": str(tmp_path / "data"),
+                                "shifts": {"sketch": {"path": str(tmp_path / "nope")}}}})
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
+    assert result.exit_code == 2
+    assert "benchmark.shifts.sketch.path:" in result.output
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, textwrap.dedent("""\
+        name: t
+        method: {name: ft
+        grid: [
+    """))
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2
+    assert "not valid YAML" in result.output and "line" in result.output
+
+
+def test_missing_sweep_file(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
+    import ray
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, GOOD)), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "4 training trial(s), 3 alpha(s) each -> 12 evaluation trial(s)" in result.output
+    assert "ft-03_lr=0.0003_seed=1" in result.output
+    assert not ray.is_initialized()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_shipped_sweep_files_are_valid():
+    from pathlib import Path
+    for path in sorted(Path(__file__).parents[1].glob("sweeps/*.yaml")):
+        spec = load_spec(path)
+        assert spec.trials(), path

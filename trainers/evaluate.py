@@ -1,0 +1,74 @@
+"""Evaluation protocol (METHODS.md): logits per eval set, metrics, OOD average.
+
+One temperature is fitted by NLL on the ID validation split and applied to every
+set for the `_ts` metrics. Sets covering a subset of the classes (or mapping each
+of their classes to several ID classes) are projected BEFORE softmax.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainers.data import EvalSet
+from trainers.metrics import fit_temperature, set_metrics
+
+VAL_SET = "id_val"
+TEST_SET = "id_test"
+METRIC_KEYS = ("acc", "ece", "nll", "ece_ts", "nll_ts")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: Dataset, device: torch.device,
+            batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 (N, C) on CPU, labels int64 (N,)), in dataset order."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    logits, labels = [], []
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(images.to(device, non_blocking=True))
+        logits.append(out.float().cpu())
+        labels.append(torch.as_tensor(targets))
+    return torch.cat(logits), torch.cat(labels).long()
+
+
+def evaluate_logits(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
+                    eval_sets: Mapping[str, EvalSet]) -> dict[str, dict[str, float]]:
+    """Metrics per set from ID-class logits; the temperature is fitted on `id_val`."""
+    if VAL_SET not in logits:
+        raise ValueError(f"temperature scaling needs the {VAL_SET!r} split")
+    temperature = fit_temperature(logits[VAL_SET], labels[VAL_SET])
+    results = {}
+    for name, eval_set in eval_sets.items():
+        projected = eval_set.project(logits[name])  # (N, K) in the set's own classes
+        results[name] = set_metrics(projected, labels[name], temperature)
+        results[name]["temperature"] = temperature
+    return results
+
+
+def evaluate(model: torch.nn.Module, eval_sets: Mapping[str, EvalSet], device: torch.device,
+             batch_size: int = 256, num_workers: int = 0) -> dict[str, dict[str, float]]:
+    logits, labels = {}, {}
+    for name, eval_set in eval_sets.items():
+        logits[name], labels[name] = predict(model, eval_set.dataset, device, batch_size,
+                                             num_workers)
+    return evaluate_logits(logits, labels, eval_sets)
+
+
+def summarize(per_set: Mapping[str, Mapping[str, float]], shift_names: Sequence[str]) -> dict[str, float]:
+    """Flat metric names: `id_*` (ID test), `val_*` (ID val), `ood_*` (unweighted mean over
+    the shifts), and `<set>_<metric>` for every set."""
+    flat: dict[str, float] = {}
+    for name, metrics in per_set.items():
+        for key in METRIC_KEYS:
+            flat[f"{name}_{key}"] = float(metrics[key])
+    for key in METRIC_KEYS:
+        flat[f"id_{key}"] = float(per_set[TEST_SET][key])
+        flat[f"val_{key}"] = float(per_set[VAL_SET][key])
+        if shift_names:
+            flat[f"ood_{key}"] = sum(float(per_set[s][key]) for s in shift_names) / len(shift_names)
+    flat["temperature"] = float(per_set[VAL_SET]["temperature"])
+    return flat

@@ -1,0 +1,59 @@
+"""Progress with an ETA: tqdm on a terminal, a plain line now and then otherwise.
+
+Logs (CI, Ray workers, files) get a line every `every_s` seconds instead of a bar
+full of carriage returns.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    minutes, sec = divmod(seconds, 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+class Progress:
+    """`with Progress(total, "pretraining toy CLIP") as bar: bar.update(n, loss=...)`."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 15.0, stream=None,
+                 enabled: bool = True):
+        self.total, self.desc, self.every_s = max(int(total), 1), desc, every_s
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.done = 0
+        self._start = self._last = time.monotonic()
+        self._bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.total, desc=desc, file=self.stream, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **info) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            if info:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every_s or self.done >= self.total:
+            self._last = now
+            self._line(now, info)
+
+    def _line(self, now: float, info: dict) -> None:
+        elapsed = now - self._start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        extra = "".join(f" {k} {v:.4g}" for k, v in info.items())
+        print(f"{self.desc}: {100 * self.done / self.total:3.0f}% ({self.done}/{self.total}) "
+              f"elapsed {_fmt(elapsed)} ETA {_fmt(eta)}{extra}", file=self.stream, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,137 @@
+"""The one training loop every fine-tuning method uses.
+
+A method supplies a *task* (the model it trains, the parameters to update, the
+loss of one batch, and how to put the model in training mode); the loop owns the
+rest, top to bottom: seeded shuffling, AdamW, warmup + cosine stepped per iteration,
+mixed precision on GPU, gradient clipping after unscaling, a finite-loss check,
+and a checkpoint hook at the end of every epoch that can resume bit-for-bit
+(the shuffle order depends only on (seed, epoch)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from trainers.progress import Progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops instead of writing a broken model."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + linear warmup + cosine to 0 (METHODS.md, "Schedule")."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    weight_decay: float = 0.1
+    warmup_steps: int = 500
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]: ...
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def train_mode(self) -> None: ...
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to whoever runs it (a notebook, a Ray Tune trial)."""
+
+    # called after each epoch with (epoch, metrics, checkpoint_state)
+    on_epoch_end: Callable[[int, dict, dict], None] | None = None
+    resume_state: dict | None = None        # a checkpoint_state from a previous run
+    progress: bool = True
+    num_workers: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None  # full precision on CPU: no bf16 units on our machines, and exact tests
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
+          hooks: Hooks | None = None) -> list[dict]:
+    """Train `task.model` in place; returns the per-epoch history."""
+    hooks = hooks or Hooks()
+    params = [p for p in task.trainable_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
+    amp_dtype = _autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+
+    start_epoch, history = 0, list(hooks.history)
+    if hooks.resume_state is not None:
+        state = hooks.resume_state
+        task.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+
+    with Progress((cfg.epochs - start_epoch) * steps_per_epoch, "fine-tuning",
+                  enabled=hooks.progress) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            task.train_mode()
+            # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+            shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                                generator=shuffle, num_workers=hooks.num_workers,
+                                pin_memory=device.type == "cuda", drop_last=False)
+            loss_sum, seen = 0.0, 0
+            for step, (images, labels) in enumerate(loader):
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    loss = task.loss(images, labels)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped; "
+                        f"try a lower learning rate (lr={cfg.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += loss.item() * len(labels)
+                seen += len(labels)
+                bar.update(1, loss=loss.item())
+            metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                       "lr": scheduler.get_last_lr()[0]}
+            history.append(metrics)
+            if hooks.on_epoch_end is not None:
+                hooks.on_epoch_end(epoch, metrics, {
+                    "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "history": history})
+    return history
