@@ -72,6 +72,7 @@ class BenchmarkSpec:
 class ModelSpec:
     arch: str = "toy"             # "toy" (orch's toy CLIP) or an open_clip architecture
     pretrained: str | None = None  # open_clip tag ("openai") or a checkpoint file
+    config: str | None = None      # an open_clip model-config JSON registering `arch`
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,10 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
                                                "ensemble", post_hoc=True)
     resources = parse_dataclass(ResourcesSpec, raw.get("resources"), "resources")
     eval_spec = parse_dataclass(EvalSpec, raw.get("eval"), "eval")
+    model = _absolute_paths(model, ("pretrained", "config"))
+    benchmark = _absolute_paths(benchmark, ("root", "train", "val", "test"))
+    benchmark = dataclasses.replace(benchmark, shifts={
+        k: _absolute_paths(v, ("path",)) for k, v in benchmark.shifts.items()})
     storage = coerce(raw.get("storage_path", "runs"), str, "storage_path")
     experiment = coerce(raw.get("experiment", name), str, "experiment")
     return SweepSpec(name=name, benchmark=benchmark, model=model, method=method,
@@ -200,6 +205,18 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
                      ensemble_options=ensemble_options, resources=resources, eval=eval_spec,
                      storage_path=Path(storage).expanduser().resolve(), experiment=experiment,
                      source_file=source_file, raw=raw)
+
+
+def _absolute_paths(obj: Any, names: tuple[str, ...]) -> Any:
+    """Resolve path fields against the working directory now, on the driver (a pretrained
+    *tag* such as "openai" stays as it is: it names no file)."""
+    changes = {}
+    for name in names:
+        value = getattr(obj, name)
+        if value and (name != "pretrained" or Path(value).expanduser().exists()
+                      or "/" in value or value.endswith((".pt", ".bin", ".safetensors"))):
+            changes[name] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(obj, **changes)
 
 
 def _parse_method(data: Any, path: str, post_hoc: bool) -> tuple[str, Any]:
@@ -267,8 +284,12 @@ def check_spec_paths(spec: SweepSpec) -> None:
     if spec.model.pretrained and ("/" in spec.model.pretrained or
                                   spec.model.pretrained.endswith((".pt", ".bin", ".safetensors"))):
         _require(Path(spec.model.pretrained), "model.pretrained", folder=False)
+    if spec.model.config:
+        _require(Path(spec.model.config), "model.config", folder=False)
     if spec.model.arch != "toy":
         import open_clip  # deferred: only real models need the registry lookup
+        if spec.model.config:
+            open_clip.add_model_config(Path(spec.model.config).expanduser().resolve())
         if spec.model.arch not in open_clip.list_models():
             raise SpecError("model.arch", f"unknown open_clip architecture {spec.model.arch!r}")
 

@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,10 +82,10 @@ def toy_clip_checkpoint(recipe: PretrainRecipe = PretrainRecipe(),
         images, captions, _ = world.load_or_build_pretraining(
             world_cfg, root, workers=workers, progress=_world_progress(progress))
         started = time.monotonic()
-        state, stats = pretrain(images, captions, recipe, world_size=workers, progress=progress)
-        stats["seconds"] = round(time.monotonic() - started, 1)
         with atomic_path(final, suffix=".pt") as tmp:
-            torch.save(state, tmp)
+            stats = pretrain(images, captions, recipe, tmp, world_size=workers,
+                             progress=progress)
+        stats["seconds"] = round(time.monotonic() - started, 1)
         final.with_suffix(".json").write_text(json.dumps(
             {"recipe": asdict(recipe), "world": world_cfg.fingerprint(), **stats}, indent=2))
     return final
@@ -102,19 +103,20 @@ def _world_progress(enabled: bool):
     return report
 
 
-def pretrain(images: np.ndarray, captions: list[str], recipe: PretrainRecipe,
-             world_size: int = 1, progress: bool = True) -> tuple[dict, dict]:
-    """Train a fresh toy CLIP; returns (state_dict, stats). `images` uint8 (N, 32, 32, 3)."""
+def pretrain(images: np.ndarray, captions: list[str], recipe: PretrainRecipe, out: Path,
+             world_size: int = 1, progress: bool = True) -> dict:
+    """Train a fresh toy CLIP, save its state dict to `out`, return stats (final loss,
+    logit scale, steps). `images` uint8 (N, 32, 32, 3)."""
     tokenizer = open_clip.get_tokenizer(TOY_ARCH)
     tokens = tokenizer(captions)                                  # (N, context) int64
     pixels = torch.from_numpy(np.ascontiguousarray(images))       # (N, 32, 32, 3) uint8
     if world_size <= 1:
-        return _train(0, 1, pixels, tokens, recipe, progress, None)
+        return _train(0, 1, pixels, tokens, recipe, progress, None, out)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(rank, world_size, pixels, tokens, recipe,
-                                               progress and rank == 0, port, results),
+                                               progress and rank == 0, port, results, out),
                          daemon=True)  # never outlive the parent
              for rank in range(world_size)]
     for proc in procs:
@@ -126,19 +128,23 @@ def pretrain(images: np.ndarray, captions: list[str], recipe: PretrainRecipe,
     return results.get()
 
 
-def _worker(rank, world_size, pixels, tokens, recipe, progress, port, results) -> None:
+def _worker(rank, world_size, pixels, tokens, recipe, progress, port, results, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # open_clip's gather and DDP's channels-last bucket views warn on every step; the
+    # maths is unaffected, so keep the log readable.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Grad strides do not match")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        out = _train(rank, world_size, pixels, tokens, recipe, progress, dist)
+        stats = _train(rank, world_size, pixels, tokens, recipe, progress, dist, out)
         if rank == 0:
-            results.put(out)
+            results.put(stats)  # plain numbers only: tensors would need this process alive
     finally:
         dist.destroy_process_group()
 
 
 def _train(rank: int, world_size: int, pixels: torch.Tensor, tokens: torch.Tensor,
-           recipe: PretrainRecipe, progress: bool, distributed) -> tuple[dict, dict]:
+           recipe: PretrainRecipe, progress: bool, distributed, out: Path) -> dict:
     # One thread per process: two threads per process ran ~9x slower on 2 shared cores.
     torch.set_num_threads(1)
     torch.manual_seed(recipe.seed)                       # identical init on every rank
@@ -175,11 +181,12 @@ def _train(rank: int, world_size: int, pixels: torch.Tensor, tokens: torch.Tenso
                     model.logit_scale.clamp_(0, math.log(100))
                 losses.append(loss.item())
                 bar.update(1, loss=float(np.mean(losses[-50:])))
-    stats = {"final_loss": float(np.mean(losses[-steps_per_epoch:])),
-             "logit_scale": float(model.logit_scale.exp()), "steps": total,
+    stats = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-steps_per_epoch:])),
+             "logit_scale": float(model.logit_scale.detach().exp()), "steps": total,
              "world_size": world_size}
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    return state, stats
+    if rank == 0:
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+    return stats
 
 
 def _free_port() -> int:

@@ -1,0 +1,27 @@
+# The two commands of the quick start. Both create .venv and install orch on first use.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.orch-installed
+
+.PHONY: demo test clean-cache
+
+demo: $(STAMP)  ## fine-tune the toy CLIP, sweep WiSE-FT alpha, log to MLflow
+	$(VENV)/bin/orch sweep sweeps/wise_alpha.yaml
+
+test: $(STAMP)  ## the whole suite (the first run also builds the cached toy CLIP)
+	$(PY) -m pytest -q
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision first and on their own: pinned builds that pip takes from local disk
+# where they lie there; then the project with its test extras.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+clean-cache:  ## forget the cached toy world and toy CLIP (rebuilt on next use)
+	rm -rf "$${ORCH_CACHE_DIR:-$$HOME/.cache/orch}"

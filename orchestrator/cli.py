@@ -1,0 +1,125 @@
+"""The `orch` command line: `orch sweep FILE [--dry-run]`, `orch report [SWEEP_ID]`.
+
+User errors (a bad sweep file, a missing folder, an unreachable tracking server)
+print one line and exit 2; a sweep that fails while running exits 1. No tracebacks
+unless `-v`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from orchestrator.schema import SpecError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class RunError(UserError):
+    exit_code = 1
+
+
+def _fail(err: BaseException, verbose: bool, cls=UserError):
+    if verbose:
+        raise err
+    raise cls(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show Ray Tune's tables and full tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """orch: sweep robust fine-tuning methods for CLIP on Ray, record them in MLflow."""
+    ctx.obj = {"verbose": verbose}
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Validate the file, print the planned trials, exit.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="Ray cluster address [env RAY_ADDRESS; default: start a local Ray].")
+@click.pass_context
+def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, tracking_uri: str | None,
+          address: str | None) -> None:
+    """Fine-tune every grid point of SWEEP_FILE, sweep the mixing coefficient, report."""
+    from orchestrator.spec import load_spec
+    verbose = ctx.obj["verbose"]
+    try:
+        spec = load_spec(sweep_file)
+    except SpecError as err:
+        raise UserError(f"{sweep_file}: {err}") from None
+    if dry_run:
+        _print_plan(spec, tracking_uri, address)
+        return
+    _run(spec, sweep_file, tracking_uri, address, verbose)
+
+
+def _run(spec, sweep_file, tracking_uri, address, verbose) -> None:
+    from orchestrator.records import TrackingError, default_tracking_uri
+    from orchestrator.report import format_table
+    from orchestrator.sweep import SweepError, mlflow_ui_hint, run_sweep
+    from trainers.data import DataError
+    from trainers.models import ModelError
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        result = run_sweep(spec, uri, address=address, verbose=verbose, echo=click.echo)
+    except (TrackingError, DataError, ModelError, SpecError) as err:
+        _fail(err, verbose)
+    except SweepError as err:
+        _fail(err, verbose, RunError)
+    click.echo("")
+    click.echo(format_table(result.rows, result.selected))
+    click.echo("")
+    click.echo(f"MLflow: sweep {result.sweep_id} (parent run {result.parent_run_id}). To look at it:")
+    click.echo("  " + mlflow_ui_hint(uri, result.experiment_id).replace("\n", "\n  "))
+
+
+def _print_plan(spec, tracking_uri, address) -> None:
+    from orchestrator.records import default_tracking_uri
+    points = spec.trials()
+    r = spec.resources
+    click.echo(f"sweep {spec.name}: method {spec.method}, ensemble {spec.ensemble}, "
+               f"model {spec.model.arch}"
+               + (f" ({spec.model.pretrained})" if spec.model.pretrained else "")
+               + f", benchmark {spec.benchmark.source}")
+    click.echo(f"{len(points)} training trial(s), {len(spec.alphas)} alpha(s) each "
+               f"-> {len(points) * len(spec.alphas)} evaluation trial(s)")
+    for point in points:
+        click.echo(f"  {point.name}: seed={point.seed} "
+                   + " ".join(f"{k}={v}" for k, v in
+                              __import__("dataclasses").asdict(point.options).items()))
+    click.echo(f"alphas: {', '.join(f'{a:g}' for a in spec.alphas)}")
+    click.echo(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU; "
+               f"max concurrent: {r.max_concurrent_trials or 'as resources allow'}")
+    click.echo(f"Ray: {address or 'local (started on demand)'}; storage: {spec.storage_path}")
+    click.echo(f"MLflow: {tracking_uri or default_tracking_uri()}, experiment {spec.experiment!r}")
+
+
+@main.command()
+@click.argument("sweep_id", required=False)
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
+@click.pass_context
+def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None) -> None:
+    """Print the Pareto table of the last sweep, or of SWEEP_ID."""
+    from orchestrator.records import TrackingError, default_tracking_uri
+    from orchestrator.report import ReportError, format_table, load_sweep
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        found = load_sweep(uri, sweep_id)
+    except (TrackingError, ReportError) as err:
+        _fail(err, ctx.obj["verbose"])
+    click.echo(f"sweep {found.sweep_id} ({found.status}), experiment {found.experiment}")
+    click.echo(format_table(found.rows, found.selected))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""`orch sweep`: the stages of a sweep, in order.
+
+1. prepare  - driver builds the cached assets (toy world, toy CLIP) once;
+2. train    - one Ray Tune trial per grid point, checkpointing every epoch;
+3. ensemble - one Ray Tune trial per (trained trial, alpha): WiSE-FT evaluation;
+4. report   - Pareto table, front, selection on ID validation, plot -> MLflow.
+
+MLflow is checked first and written only by this driver process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.build import prepare
+from orchestrator.pareto import pareto_table, plot_pareto, select_on_validation
+from orchestrator.records import SweepRecords, runs_table_url
+from orchestrator.spec import SweepSpec, TrialPoint
+
+
+class SweepError(RuntimeError):
+    """A sweep that could not finish; the message is one line for the user."""
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    experiment_id: str
+    parent_run_id: str
+    rows: list[dict]        # one per (trial, alpha), with on_front
+    selected: int           # index into rows, chosen on ID validation accuracy
+    tracking_uri: str
+
+
+def spec_params(spec: SweepSpec) -> dict:
+    """The sweep's settings as flat MLflow params for the parent run."""
+    params = {"method": spec.method, "ensemble": spec.ensemble,
+              "alphas": ",".join(f"{a:g}" for a in spec.alphas),
+              "model.arch": spec.model.arch, "model.pretrained": spec.model.pretrained,
+              "benchmark.source": spec.benchmark.source, "num_trials": len(spec.trials())}
+    params.update({f"method.{k}": v for k, v in dataclasses.asdict(spec.method_options).items()})
+    params.update({f"grid.{k}": v for k, v in spec.grid.items()})
+    return params
+
+
+def trial_params(spec: SweepSpec, point: TrialPoint) -> dict:
+    return {"method": point.method, "seed": point.seed, "trial": point.name,
+            **dataclasses.asdict(point.options)}
+
+
+def _init_ray(address: str | None, verbose: bool) -> None:
+    import ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=verbose)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=verbose,
+                 logging_level="INFO" if verbose else "WARNING")
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    """Unsatisfiable requests hang in Ray instead of failing: refuse them here."""
+    import ray
+    have = ray.cluster_resources()
+    cpus, gpus = spec.resources.cpus_per_trial, spec.resources.gpus_per_trial
+    if cpus > have.get("CPU", 0):
+        raise SweepError(f"resources.cpus_per_trial={cpus:g} but the Ray cluster has "
+                         f"{have.get('CPU', 0):g} CPUs")
+    if gpus > have.get("GPU", 0):
+        raise SweepError(f"resources.gpus_per_trial={gpus:g} but the Ray cluster has "
+                         f"{have.get('GPU', 0):g} GPUs")
+
+
+def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: bool):
+    from ray import tune
+    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(spec.storage_path), verbose=1 if verbose else 0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    return tuner.fit()
+
+
+def _trial_error(result, what: str) -> SweepError:
+    lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
+    return SweepError(f"{what} failed: {lines[-1] if lines else type(result.error).__name__} "
+                      f"(trial log: {result.path})")
+
+
+def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
+              verbose: bool = False, echo: Callable[[str], None] = print) -> SweepResult:
+    from ray import tune
+
+    from orchestrator.trials import eval_trial, train_trial
+
+    sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    records = SweepRecords(tracking_uri, spec.experiment, sweep_id).open()
+    points = spec.trials()
+    echo(f"sweep {sweep_id}: {len(points)} training trial(s) x {len(spec.alphas)} alpha(s)")
+    prepare(spec)
+    records.start_parent(spec_params(spec), spec.source_file.read_text()
+                         if spec.source_file else None)
+    try:
+        _init_ray(address, verbose)
+        _check_resources(spec)
+
+        echo(f"[train] {len(points)} trial(s) on Ray Tune ...")
+        trained = _tune(tune.with_parameters(train_trial, spec=spec),
+                        {"trial": tune.grid_search([p.index for p in points])},
+                        spec, f"{sweep_id}-train", verbose)
+        checkpoints: dict[int, str] = {}
+        for result in trained:
+            point = points[result.config["trial"]]
+            history = json.loads((result.metrics or {}).get("history", "[]"))
+            records.child(point.name, "train", trial_params(spec, point), history=history,
+                          failed=result.error is not None)
+            if result.error is not None:
+                raise _trial_error(result, f"training trial {point.name}")
+            checkpoints[point.index] = result.checkpoint.path
+
+        echo(f"[ensemble] {spec.ensemble}: {len(points) * len(spec.alphas)} evaluation trial(s) ...")
+        evaluated = _tune(tune.with_parameters(eval_trial, spec=spec, checkpoints=checkpoints),
+                          {"trial": tune.grid_search([p.index for p in points]),
+                           "alpha": tune.grid_search(list(spec.alphas))},
+                          spec, f"{sweep_id}-{spec.ensemble}", verbose)
+        rows = []
+        for result in evaluated:
+            point = points[result.config["trial"]]
+            if result.error is not None:
+                raise _trial_error(result, f"evaluation of {point.name} at "
+                                           f"alpha={result.config['alpha']:g}")
+            metrics = {k: v for k, v in result.metrics.items()
+                       if isinstance(v, float) and not k.startswith(("time_", "timestamp"))}
+            rows.append({"trial": point.name, "alpha": float(result.config["alpha"]),
+                         "method": point.method, **metrics})
+        rows.sort(key=lambda r: (r["trial"], r["alpha"]))
+
+        table = pareto_table(rows)
+        selected = select_on_validation(table)
+        for row in table:
+            point = next(p for p in points if p.name == row["trial"])
+            metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "alpha"}
+            row["run_id"] = records.child(
+                f"{row['trial']} alpha={row['alpha']:g}", "eval",
+                {**trial_params(spec, point), "alpha": row["alpha"], "ensemble": spec.ensemble},
+                metrics={**metrics, "on_front": float(row["on_front"])})
+        best = table[selected]
+        figure = plot_pareto(table, f"{sweep_id}: ID vs OOD accuracy over alpha", selected=selected)
+        summary = {f"selected_{k}": best[k] for k in ("alpha", "id_acc", "ood_acc", "id_ece",
+                                                      "ood_ece", "val_acc")}
+        summary["front_size"] = sum(r["on_front"] for r in table)
+        records.summary(table, selected, figure, summary,
+                        {"orch.selected_run": best["run_id"], "orch.selected_trial": best["trial"]})
+        records.finish(ok=True)
+        return SweepResult(sweep_id, records.experiment_id, records.parent_id, table, selected,
+                           tracking_uri)
+    except BaseException as err:
+        records.finish(ok=False, error=str(err).splitlines()[0] if str(err) else repr(err))
+        raise
+
+
+def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    import sys
+    exe = Path(sys.executable).parent / "mlflow"
+    command = str(exe) if exe.exists() else "mlflow"
+    try:
+        command = os.path.relpath(command) if exe.exists() and not os.path.relpath(
+            command).startswith("..") else command
+    except ValueError:
+        pass
+    return (f"{command} ui --backend-store-uri {tracking_uri} --port 5000\n"
+            f"then open {runs_table_url(experiment_id)}")
