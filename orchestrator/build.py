@@ -12,7 +12,8 @@ import torch
 from orchestrator.spec import BenchmarkSpec, ModelSpec, SweepSpec
 from trainers.data import Benchmark, EvalSet, identity_groups, load_csv_split
 from trainers.data.folders import ShiftSource, load_imagefolder_benchmark, load_shift
-from trainers.models import TOY_ARCH, ImageClassifier, LoadedClip, load_clip, zero_shot_classifier
+from trainers.models import (TOY_ARCH, ImageClassifier, LoadedClip, load_clip,
+                             native_size_transform, zero_shot_classifier)
 from trainers.progress import Progress
 
 # open_clip ships the 80 OpenAI ImageNet templates and the short "simple" set.
@@ -76,8 +77,11 @@ def load_benchmark(b: BenchmarkSpec, clip: LoadedClip) -> Benchmark:
     templates = templates_for(b)
     if b.source == "toyworld":
         from trainers.toyworld.benchmark import TEMPLATES, toy_benchmark
-        bench = toy_benchmark(clip.train_transform, clip.eval_transform,
-                              train_size=b.train_size, eval_size=b.eval_size)
+        # The toy world is drawn at 32 px: for a 32 px model skip PIL entirely.
+        fast = native_size_transform(clip, 32, 32)
+        eval_tf = fast or clip.eval_transform
+        train_tf = eval_tf if clip.train_transform is clip.eval_transform else clip.train_transform
+        bench = toy_benchmark(train_tf, eval_tf, train_size=b.train_size, eval_size=b.eval_size)
         if templates and templates != TEMPLATES:
             bench = _replace_templates(bench, templates)
         return bench

@@ -80,8 +80,38 @@ def _check_resources(spec: SweepSpec) -> None:
                          f"{have.get('GPU', 0):g} GPUs")
 
 
-def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: bool):
+def _progress_callback(total: int, desc: str):
+    """A Tune callback that counts finished trials, with an ETA (Tune's own tables stay
+    quiet unless -v)."""
     from ray import tune
+
+    from trainers.progress import Progress
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.bar: Progress | None = None
+
+        def __getstate__(self):  # Tune pickles callbacks with its state; a terminal is not state
+            return {"bar": None}
+
+        def _tick(self) -> None:
+            if self.bar is None:
+                self.bar = Progress(total, desc, every_s=0)
+            self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._tick()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._tick()
+
+    return TrialProgress()
+
+
+def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: bool,
+          total: int | None = None, label: str = "trials"):
+    from ray import tune
+    callbacks = [_progress_callback(total, label)] if total and not verbose else []
     resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
@@ -89,7 +119,7 @@ def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: boo
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
         run_config=tune.RunConfig(
             name=name, storage_path=str(spec.storage_path), verbose=1 if verbose else 0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks))
     return tuner.fit()
 
 
@@ -119,7 +149,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         echo(f"[train] {len(points)} trial(s) on Ray Tune ...")
         trained = _tune(tune.with_parameters(train_trial, spec=spec),
                         {"trial": tune.grid_search([p.index for p in points])},
-                        spec, f"{sweep_id}-train", verbose)
+                        spec, f"{sweep_id}-train", verbose, total=len(points),
+                        label="[train] trials finished")
         checkpoints: dict[int, str] = {}
         for result in trained:
             point = points[result.config["trial"]]
@@ -134,7 +165,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         evaluated = _tune(tune.with_parameters(eval_trial, spec=spec, checkpoints=checkpoints),
                           {"trial": tune.grid_search([p.index for p in points]),
                            "alpha": tune.grid_search(list(spec.alphas))},
-                          spec, f"{sweep_id}-{spec.ensemble}", verbose)
+                          spec, f"{sweep_id}-{spec.ensemble}", verbose,
+                          total=len(points) * len(spec.alphas),
+                          label=f"[ensemble] {spec.ensemble} evaluations finished")
         rows = []
         for result in evaluated:
             point = points[result.config["trial"]]

@@ -85,3 +85,15 @@ def test_classifier_logits_equal_clip_similarities(tiny_vit_arch):
         assert torch.allclose(classifier(images), expected, atol=1e-4)
     # the classifier owns a copy: training it never touches the CLIP model
     assert classifier.image_encoder is not clip.model.visual
+
+
+def test_native_size_transform_equals_the_eval_transform(tiny_vit_arch, tiny_images):
+    from PIL import Image
+
+    from trainers.models import native_size_transform
+    clip = load_clip(tiny_vit_arch, None)
+    fast = native_size_transform(clip, 32, 32)
+    images, _ = tiny_images
+    for image in images[:4]:
+        assert torch.allclose(fast(image), clip.eval_transform(Image.fromarray(image)), atol=1e-5)
+    assert native_size_transform(clip, 64, 64) is None     # resizing needed: no shortcut

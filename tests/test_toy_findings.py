@@ -11,7 +11,7 @@ from trainers.evaluate import evaluate, summarize
 from trainers.methods import FitContext, get_method
 from trainers.methods.ft import FTOptions
 from trainers.methods.wise_ft import wise_ft
-from trainers.models import zero_shot_classifier
+from trainers.models import native_size_transform, zero_shot_classifier
 from trainers.toyworld import world
 from trainers.toyworld.benchmark import toy_benchmark
 from trainers.train_loop import Hooks
@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def curve(toy_clip):
-    bench = toy_benchmark(toy_clip.train_transform, toy_clip.eval_transform, eval_size=1500)
+    fast = native_size_transform(toy_clip, 32, 32)     # what `orch sweep` uses for the toy world
+    bench = toy_benchmark(fast, fast, eval_size=1500)
     zero_shot = zero_shot_classifier(toy_clip, bench.classnames, bench.templates)
     options = FTOptions(lr=3e-4, epochs=5, batch_size=128, warmup_steps=31)   # sweeps/wise_alpha.yaml
     fine_tuned = get_method("ft").fit(zero_shot_classifier(toy_clip, bench.classnames, bench.templates),

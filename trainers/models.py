@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 
+from trainers.data import ArrayNormalize
+
 TOY_ARCH = "orch-toy-rn"
 _TOY_CONFIG = Path(__file__).parent / "toyworld" / f"{TOY_ARCH}.json"
 open_clip.add_model_config(_TOY_CONFIG)
@@ -68,15 +70,30 @@ def load_clip(arch: str, pretrained: str | None = None, *, augment: bool = True,
                       eval_transform=eval_tf, tokenizer=tokenizer, arch=arch)
 
 
+def native_size_transform(clip: LoadedClip, height: int, width: int) -> ArrayNormalize | None:
+    """For images that already have the model's input size, its eval transform is only
+    "to tensor + normalise": return that as a fast array transform (None otherwise)."""
+    cfg = getattr(clip.model.visual, "preprocess_cfg", None) or {}
+    size = cfg.get("size")
+    size = (size, size) if isinstance(size, int) else tuple(size or ())
+    if size != (height, width) or cfg.get("mode", "RGB") != "RGB":
+        return None
+    return ArrayNormalize(cfg["mean"], cfg["std"])
+
+
 class ImageClassifier(nn.Module):
-    """Image encoder + linear head on the L2-normalised embedding."""
+    """Image encoder + linear head on the L2-normalised embedding.
+
+    Convolutions run channels-last (measured 1.6x faster for the toy ResNet on CPU; a
+    no-op cost for ViTs, whose only convolution is the patch embedding)."""
 
     def __init__(self, image_encoder: nn.Module, head: nn.Linear):
         super().__init__()
-        self.image_encoder = image_encoder
+        self.image_encoder = image_encoder.to(memory_format=torch.channels_last)
         self.head = head
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
         return F.normalize(self.image_encoder(images), dim=-1)  # (B, d)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

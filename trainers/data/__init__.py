@@ -6,6 +6,7 @@ class-group helpers; ``folders`` builds a benchmark from image folders and CSV l
 
 from .benchmark import (
     ArrayImageDataset,
+    ArrayNormalize,
     Benchmark,
     DataError,
     EvalSet,
@@ -25,6 +26,7 @@ from .folders import (
 
 __all__ = [
     "ArrayImageDataset",
+    "ArrayNormalize",
     "Benchmark",
     "DataError",
     "EvalSet",

@@ -18,7 +18,7 @@ TEMPLATES = ("a photo of a {}", "a picture of a {}", "a {}", "a sketch of a {}",
              "a cartoon of a {}", "a drawing of a {}")
 
 
-def toy_benchmark(train_transform: Callable, eval_transform: Callable,
+def toy_benchmark(train_transform: Callable | None, eval_transform: Callable | None,
                   cfg: world.WorldConfig = world.WorldConfig(), train_size: int | None = None,
                   eval_size: int | None = None, root: Path | None = None,
                   workers: int = 1, progress: Callable[[int, int], None] | None = None) -> Benchmark:
