@@ -6,7 +6,7 @@ unless `-v`.
 """
 from __future__ import annotations
 
-import os
+import logging
 import sys
 
 import click
@@ -37,6 +37,8 @@ def _fail(err: BaseException, verbose: bool, cls=UserError):
 def main(ctx: click.Context, verbose: bool) -> None:
     """orch: sweep robust fine-tuning methods for CLIP on Ray, record them in MLflow."""
     ctx.obj = {"verbose": verbose}
+    if not verbose:  # MLflow's INFO lines (database migrations, ...) are noise here
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 @main.command()

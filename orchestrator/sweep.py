@@ -56,13 +56,19 @@ def trial_params(spec: SweepSpec, point: TrialPoint) -> dict:
 def _init_ray(address: str | None, verbose: bool) -> None:
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if not verbose:
+        # Quiet unless -v: Tune's experiment banners and its snapshot-frequency warning
+        # (num_to_keep forces a snapshot per checkpoint, which is what we want).
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=verbose)
     else:
+        # A Ray started here serves this process only: no token to hand around.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(include_dashboard=False, log_to_driver=verbose,
                  logging_level="INFO" if verbose else "WARNING")
 
@@ -89,7 +95,7 @@ def _progress_callback(total: int, desc: str):
 
     class TrialProgress(tune.Callback):
         def __init__(self):
-            self.bar: Progress | None = None
+            self.bar: Progress | None = Progress(total, desc, every_s=0)
 
         def __getstate__(self):  # Tune pickles callbacks with its state; a terminal is not state
             return {"bar": None}
@@ -116,7 +122,9 @@ def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: boo
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
+        # reuse_actors: one worker process runs many trials (imports and caches stay warm)
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(spec.storage_path), verbose=1 if verbose else 0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks))
