@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.orch-installed
 demo: $(STAMP)  ## fine-tune the toy CLIP, sweep WiSE-FT alpha, log to MLflow
 	$(VENV)/bin/orch sweep sweeps/wise_alpha.yaml
 
-test: $(STAMP)  ## the whole suite (the first run also builds the cached toy CLIP)
+test: $(STAMP)  ## the whole suite; first builds the cached toy CLIP if missing (~10 min once)
+	$(PY) -m trainers.toyworld.pretrain
 	$(PY) -m pytest -q
 
 $(PY):

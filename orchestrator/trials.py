@@ -7,6 +7,7 @@ trial). Everything a trial reads comes from absolute paths resolved on the drive
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from ray import tune
 
 from orchestrator.build import load_benchmark, load_model, zero_shot
 from orchestrator.spec import SweepSpec
+from trainers.cache import fingerprint
 from trainers.evaluate import evaluate, summarize
 from trainers.methods import FitContext, get_method
 from trainers.methods.wise_ft import wise_ft
@@ -23,6 +25,24 @@ from trainers.train_loop import Hooks
 
 STATE_FILE = "train_state.pt"        # per-epoch resumable state (model, optimizer, ...)
 CLASSIFIER_FILE = "classifier.pt"    # final fine-tuned classifier weights
+
+
+# Trials run in reused Ray actors (TuneConfig(reuse_actors=True)): keep the last loaded
+# model, benchmark and zero-shot classifier of this process, so the 11 alphas of a sweep
+# load them once per worker instead of once per trial.
+_LOADED: dict[str, tuple] = {}
+
+
+def _load(spec: SweepSpec, device: torch.device):
+    """(clip, benchmark, zero-shot classifier) for this spec, cached per process."""
+    key = fingerprint([dataclasses.asdict(spec.model), dataclasses.asdict(spec.benchmark),
+                       str(device)])
+    if key not in _LOADED:
+        _LOADED.clear()
+        clip = load_model(spec.model, device=device)
+        bench = load_benchmark(spec.benchmark, clip)
+        _LOADED[key] = (clip, bench, zero_shot(clip, bench, device))
+    return _LOADED[key]
 
 
 def _setup(spec: SweepSpec) -> torch.device:
@@ -38,9 +58,8 @@ def train_trial(config: dict, spec: SweepSpec) -> None:
     device = _setup(spec)
     point = spec.trials()[config["trial"]]
     method = get_method(point.method)
-    clip = load_model(spec.model, device=device)
-    bench = load_benchmark(spec.benchmark, clip)
-    model = zero_shot(clip, bench, device)
+    _, bench, zero_shot_model = _load(spec, device)
+    model = copy.deepcopy(zero_shot_model)   # the cached one must stay zero-shot
 
     resume_state = None
     checkpoint = tune.get_checkpoint()
@@ -63,18 +82,17 @@ def train_trial(config: dict, spec: SweepSpec) -> None:
     fitted = method.fit(model, point.options, FitContext(bench.train, device, point.seed, hooks))
     with tempfile.TemporaryDirectory() as folder:
         torch.save(fitted.state_dict(), Path(folder) / CLASSIFIER_FILE)
-        # The whole loss curve rides on the last report: the driver logs it to MLflow
-        # without depending on Tune's CSV loggers.
-        tune.report({"done": True, "history": json.dumps(history)}, checkpoint=tune.Checkpoint.from_directory(folder))
+        # The whole loss curve rides on the last report, so the driver can log it to
+        # MLflow from the final result alone.
+        tune.report({"done": True, "history": json.dumps(history)},
+                    checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def eval_trial(config: dict, spec: SweepSpec, checkpoints: dict[int, str]) -> None:
     """Evaluate WiSE-FT at one alpha for one trained trial on every eval set."""
     device = _setup(spec)
     point = spec.trials()[config["trial"]]
-    clip = load_model(spec.model, device=device)
-    bench = load_benchmark(spec.benchmark, clip)
-    zero_shot_model = zero_shot(clip, bench, device)
+    _, bench, zero_shot_model = _load(spec, device)
     fine_tuned = copy.deepcopy(zero_shot_model)
     fine_tuned.load_state_dict(torch.load(Path(checkpoints[point.index]) / CLASSIFIER_FILE,
                                           map_location=device))

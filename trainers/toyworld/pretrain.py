@@ -193,3 +193,18 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    # `python -m trainers.toyworld.pretrain`: build (or find) the cached toy CLIP and the
+    # toy world's eval splits, with progress; instant when both are cached.
+    import importlib
+
+    from trainers.toyworld.benchmark import toy_benchmark
+
+    # Call through the imported module, not this `__main__` copy of it: the spawned
+    # pretraining workers must find `_worker` by its importable name.
+    module = importlib.import_module("trainers.toyworld.pretrain")
+    print(f"toy CLIP: {module.toy_clip_checkpoint()}")
+    toy_benchmark(None, None, workers=min(2, os.cpu_count() or 1))
+    print(f"toy world: {cache_dir() / 'world' / world.WorldConfig().fingerprint()}")
