@@ -16,7 +16,8 @@ from trainers.toyworld import world
 from trainers.toyworld.benchmark import toy_benchmark
 from trainers.train_loop import Hooks
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)  # includes building the toy CLIP when not cached]
+# the timeout includes building the toy CLIP when it is not cached yet
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 CPU = torch.device("cpu")
