@@ -5,6 +5,7 @@ a corrupt image, an unreachable tracking server."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,34 @@ def test_unreachable_tracking_server_fails_fast_and_starts_nothing(workspace, tm
         line for line in result.output.strip().splitlines() if line.startswith("error:")]
     assert "cannot use MLflow tracking store http://127.0.0.1:9" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_shrunken_toy_sweep_records_every_point(ray_local, toy_clip, tmp_path):
+    """The default job on a shrunken toy config: real Ray, real MLflow, the toy world's
+    five shifts in the OOD average and the shortcut-free diagnostic outside it."""
+    from trainers.toyworld import world
+    spec = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "wise_alpha.yaml").read_text())
+    spec.update(name="toy-small", storage_path=str(tmp_path / "runs"))
+    spec["benchmark"].update(train_size=256, eval_size=100)
+    spec["method"].update(epochs=1, warmup_steps=1)
+    spec["grid"] = {"seed": [0, 1]}
+    spec["ensemble"]["alphas"] = [0.0, 0.5, 1.0]
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["sweep", str(path)], env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("toy-small")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")
+    evals = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'eval'")
+    assert len(evals) == 2 * 3 and parent.info.status == "FINISHED"
+    for run in evals:
+        m = run.data.metrics
+        shifts = [m[f"{s}_acc"] for s in world.SHIFT_SPLITS]
+        assert m["ood_acc"] == pytest.approx(sum(shifts) / len(shifts))   # id_rand not averaged
+        assert 0.0 <= m["id_rand_acc"] <= 1.0 and "objectnet_ece_ts" in m
+        assert run.data.params["seed"] in ("0", "1") and run.data.params["lr"] == "0.0003"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.png", "pareto.json"} <= artifacts
