@@ -6,6 +6,7 @@ unless `-v`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -95,9 +96,8 @@ def _print_plan(spec, tracking_uri, address) -> None:
     click.echo(f"{len(points)} training trial(s), {len(spec.alphas)} alpha(s) each "
                f"-> {len(points) * len(spec.alphas)} evaluation trial(s)")
     for point in points:
-        click.echo(f"  {point.name}: seed={point.seed} "
-                   + " ".join(f"{k}={v}" for k, v in
-                              __import__("dataclasses").asdict(point.options).items()))
+        options = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(point.options).items())
+        click.echo(f"  {point.name}: seed={point.seed} {options}")
     click.echo(f"alphas: {', '.join(f'{a:g}' for a in spec.alphas)}")
     click.echo(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU; "
                f"max concurrent: {r.max_concurrent_trials or 'as resources allow'}")

@@ -66,6 +66,11 @@ class BenchmarkSpec:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.folder_names not in FOLDER_NAMES:
             raise ValueError(f"folder_names must be classnames or index, got {self.folder_names!r}")
+        if isinstance(self.templates, str) and self.templates not in ("openai", "simple"):
+            raise ValueError(f"templates must be openai, simple or a list, got {self.templates!r}")
+        if isinstance(self.templates, list) and (
+                not self.templates or not all("{}" in t for t in self.templates)):
+            raise ValueError("templates: each template must contain '{}' for the class name")
 
 
 @dataclass(frozen=True)

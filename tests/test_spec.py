@@ -134,3 +134,41 @@ def test_shipped_sweep_files_are_valid():
     for path in sorted(Path(__file__).parents[1].glob("sweeps/*.yaml")):
         spec = load_spec(path)
         assert spec.trials(), path
+
+
+@pytest.mark.parametrize("templates, words", [("imagenet", "templates must be openai, simple"),
+                                               (["a photo"], "must contain '{}'")])
+def test_bad_templates_fail_up_front(tmp_path, templates, words):
+    path = write(tmp_path, with_({"benchmark.templates": templates}))
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and words in result.output
+
+
+def test_csv_benchmark_from_a_sweep_file(tmp_path):
+    """source: csv builds ID splits from path,label files and a CSV shift with a subset."""
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.build import load_benchmark, templates_for
+    from trainers.models import TOY_ARCH, load_clip
+    classes = ["cat", "dog", "car"]
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(9):
+        Image.fromarray(np.full((32, 32, 3), 20 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{classes[i % 3]}")
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "shift.csv").write_text("path,label\nimg/0.png,cat\nimg/1.png,1\n")
+    data = with_({"benchmark": {
+        "source": "csv", "classnames": classes, "train": str(tmp_path / "train.csv"),
+        "val": str(tmp_path / "val.csv"), "test": str(tmp_path / "test.csv"),
+        "shifts": {"few": {"path": str(tmp_path / "shift.csv"), "format": "csv"}}}})
+    spec = load_spec(write(tmp_path, data))
+    bench = load_benchmark(spec.benchmark, load_clip(TOY_ARCH, None, augment=False))
+    assert bench.classnames == tuple(classes) and len(bench.train) == 9
+    assert bench.shifts["few"].classnames == ("cat", "dog")       # subset, in ID order
+    assert bench.shifts["few"].class_groups == ((0,), (1,))
+    image, label = bench.test.dataset[4]
+    assert image.shape == (3, 32, 32) and label == 1
+    assert len(templates_for(spec.benchmark)) == 80                 # OpenAI's ImageNet set
