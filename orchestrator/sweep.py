@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,12 +140,8 @@ def _trial_error(result, what: str) -> SweepError:
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
               verbose: bool = False, echo: Callable[[str], None] = print) -> SweepResult:
-    from ray import tune
-
-    from orchestrator.trials import eval_trial, train_trial
-
     sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    records = SweepRecords(tracking_uri, spec.experiment, sweep_id).open()
+    records = SweepRecords(tracking_uri, spec.experiment, sweep_id).open()  # fail fast
     points = spec.trials()
     echo(f"sweep {sweep_id}: {len(points)} training trial(s) x {len(spec.alphas)} alpha(s)")
     prepare(spec)
@@ -153,57 +150,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
     try:
         _init_ray(address, verbose)
         _check_resources(spec)
-
-        echo(f"[train] {len(points)} trial(s) on Ray Tune ...")
-        trained = _tune(tune.with_parameters(train_trial, spec=spec),
-                        {"trial": tune.grid_search([p.index for p in points])},
-                        spec, f"{sweep_id}-train", verbose, total=len(points),
-                        label="[train] trials finished")
-        checkpoints: dict[int, str] = {}
-        for result in trained:
-            point = points[result.config["trial"]]
-            history = json.loads((result.metrics or {}).get("history", "[]"))
-            records.child(point.name, "train", trial_params(spec, point), history=history,
-                          failed=result.error is not None)
-            if result.error is not None:
-                raise _trial_error(result, f"training trial {point.name}")
-            checkpoints[point.index] = result.checkpoint.path
-
-        echo(f"[ensemble] {spec.ensemble}: {len(points) * len(spec.alphas)} evaluation trial(s) ...")
-        evaluated = _tune(tune.with_parameters(eval_trial, spec=spec, checkpoints=checkpoints),
-                          {"trial": tune.grid_search([p.index for p in points]),
-                           "alpha": tune.grid_search(list(spec.alphas))},
-                          spec, f"{sweep_id}-{spec.ensemble}", verbose,
-                          total=len(points) * len(spec.alphas),
-                          label=f"[ensemble] {spec.ensemble} evaluations finished")
-        rows = []
-        for result in evaluated:
-            point = points[result.config["trial"]]
-            if result.error is not None:
-                raise _trial_error(result, f"evaluation of {point.name} at "
-                                           f"alpha={result.config['alpha']:g}")
-            metrics = {k: v for k, v in result.metrics.items()
-                       if isinstance(v, float) and not k.startswith(("time_", "timestamp"))}
-            rows.append({"trial": point.name, "alpha": float(result.config["alpha"]),
-                         "method": point.method, **metrics})
-        rows.sort(key=lambda r: (r["trial"], r["alpha"]))
-
-        table = pareto_table(rows)
-        selected = select_on_validation(table)
-        for row in table:
-            point = next(p for p in points if p.name == row["trial"])
-            metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "alpha"}
-            row["run_id"] = records.child(
-                f"{row['trial']} alpha={row['alpha']:g}", "eval",
-                {**trial_params(spec, point), "alpha": row["alpha"], "ensemble": spec.ensemble},
-                metrics={**metrics, "on_front": float(row["on_front"])})
-        best = table[selected]
-        figure = plot_pareto(table, f"{sweep_id}: ID vs OOD accuracy over alpha", selected=selected)
-        summary = {f"selected_{k}": best[k] for k in ("alpha", "id_acc", "ood_acc", "id_ece",
-                                                      "ood_ece", "val_acc")}
-        summary["front_size"] = sum(r["on_front"] for r in table)
-        records.summary(table, selected, figure, summary,
-                        {"orch.selected_run": best["run_id"], "orch.selected_trial": best["trial"]})
+        checkpoints = _train_stage(spec, sweep_id, points, records, verbose, echo)
+        rows = _ensemble_stage(spec, sweep_id, points, checkpoints, verbose, echo)
+        table, selected = _report_stage(spec, sweep_id, points, rows, records)
         records.finish(ok=True)
         return SweepResult(sweep_id, records.experiment_id, records.parent_id, table, selected,
                            tracking_uri)
@@ -212,14 +161,89 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         raise
 
 
+def _train_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint],
+                 records: SweepRecords, verbose: bool, echo) -> dict[int, str]:
+    """One Tune trial per grid point; a child run per trial with its loss curve.
+    Returns {trial index: checkpoint folder holding the fine-tuned weights}."""
+    from ray import tune
+
+    from orchestrator.trials import train_trial
+    echo(f"[train] {len(points)} trial(s) on Ray Tune ...")
+    results = _tune(tune.with_parameters(train_trial, spec=spec),
+                    {"trial": tune.grid_search([p.index for p in points])},
+                    spec, f"{sweep_id}-train", verbose, total=len(points),
+                    label="[train] trials finished")
+    checkpoints, failures = {}, []
+    for result in results:
+        point = points[result.config["trial"]]
+        history = json.loads((result.metrics or {}).get("history", "[]"))
+        records.child(point.name, "train", trial_params(spec, point), history=history,
+                      failed=result.error is not None)
+        if result.error is not None:
+            failures.append(_trial_error(result, f"training trial {point.name}"))
+        else:
+            checkpoints[point.index] = result.checkpoint.path
+    if failures:  # every trial is recorded first, then the first failure is reported
+        raise failures[0]
+    return checkpoints
+
+
+def _ensemble_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint],
+                    checkpoints: dict[int, str], verbose: bool, echo) -> list[dict]:
+    """One Tune trial per (trained trial, alpha); returns one metrics row per pair."""
+    from ray import tune
+
+    from orchestrator.trials import eval_trial
+    total = len(points) * len(spec.alphas)
+    echo(f"[ensemble] {spec.ensemble}: {total} evaluation trial(s) ...")
+    results = _tune(tune.with_parameters(eval_trial, spec=spec, checkpoints=checkpoints),
+                    {"trial": tune.grid_search([p.index for p in points]),
+                     "alpha": tune.grid_search(list(spec.alphas))},
+                    spec, f"{sweep_id}-{spec.ensemble}", verbose, total=total,
+                    label=f"[ensemble] {spec.ensemble} evaluations finished")
+    rows = []
+    for result in results:
+        point = points[result.config["trial"]]
+        if result.error is not None:
+            raise _trial_error(result, f"evaluation of {point.name} at "
+                                       f"alpha={result.config['alpha']:g}")
+        metrics = {k: v for k, v in result.metrics.items()
+                   if isinstance(v, float) and not k.startswith(("time_", "timestamp"))}
+        rows.append({"trial": point.name, "alpha": float(result.config["alpha"]),
+                     "method": point.method, **metrics})
+    return sorted(rows, key=lambda r: (r["trial"], r["alpha"]))
+
+
+def _report_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint], rows: list[dict],
+                  records: SweepRecords) -> tuple[list[dict], int]:
+    """Pareto front, selection on ID validation, a child run per point, the parent's
+    table, front and plot."""
+    table = pareto_table(rows)
+    selected = select_on_validation(table)
+    by_name = {p.name: p for p in points}
+    for row in table:
+        metrics = {k: v for k, v in row.items() if isinstance(v, float) and k != "alpha"}
+        row["run_id"] = records.child(
+            f"{row['trial']} alpha={row['alpha']:g}", "eval",
+            {**trial_params(spec, by_name[row["trial"]]), "alpha": row["alpha"],
+             "ensemble": spec.ensemble},
+            metrics={**metrics, "on_front": float(row["on_front"])})
+    best = table[selected]
+    figure = plot_pareto(table, f"{sweep_id}: ID vs OOD accuracy over alpha", selected=selected)
+    summary = {f"selected_{k}": best[k]
+               for k in ("alpha", "id_acc", "ood_acc", "id_ece", "ood_ece", "val_acc")}
+    summary["front_size"] = sum(r["on_front"] for r in table)
+    records.summary(table, selected, figure, summary,
+                    {"orch.selected_run": best["run_id"], "orch.selected_trial": best["trial"]})
+    return table, selected
+
+
 def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
-    import sys
+    """The command that opens the MLflow UI on this store, and the runs-table link."""
     exe = Path(sys.executable).parent / "mlflow"
-    command = str(exe) if exe.exists() else "mlflow"
-    try:
-        command = os.path.relpath(command) if exe.exists() and not os.path.relpath(
-            command).startswith("..") else command
-    except ValueError:
-        pass
+    command = "mlflow"
+    if exe.exists():  # the project's venv: show it relative to here when it is below here
+        relative = os.path.relpath(exe)
+        command = relative if not relative.startswith("..") else str(exe)
     return (f"{command} ui --backend-store-uri {tracking_uri} --port 5000\n"
             f"then open {runs_table_url(experiment_id)}")
