@@ -81,6 +81,17 @@ def load_benchmark(b: BenchmarkSpec, clip: LoadedClip) -> Benchmark:
         if b.templates is not None:  # the toy world has its own; the file may override them
             bench = dataclasses.replace(bench, templates=templates_for(b))
         return bench
+    return _load_files_benchmark(b, clip.train_transform, clip.eval_transform)
+
+
+def check_benchmark(b: BenchmarkSpec) -> None:
+    """List and check a file-based benchmark on the driver (folders, class names, CSV
+    rows), so a bad tree fails before any trial starts; opens no image."""
+    if b.source != "toyworld":
+        _load_files_benchmark(b, None, None)
+
+
+def _load_files_benchmark(b: BenchmarkSpec, train_tf, eval_tf) -> Benchmark:
     shifts = {name: ShiftSource(path=Path(s.path), format=s.format,
                                 class_map={k: tuple(v) for k, v in s.class_map.items()}
                                 if s.class_map else None,
@@ -89,25 +100,24 @@ def load_benchmark(b: BenchmarkSpec, clip: LoadedClip) -> Benchmark:
     if b.source == "imagefolder":
         return load_imagefolder_benchmark(
             Path(b.root), b.classnames, templates_for(b), shifts,
-            train_transform=clip.train_transform, eval_transform=clip.eval_transform,
+            train_transform=train_tf, eval_transform=eval_tf,
             val_fraction=b.val_fraction, folder_names=b.folder_names)
-    return _csv_benchmark(b, clip, templates_for(b), shifts)
+    return _csv_benchmark(b, train_tf, eval_tf, templates_for(b), shifts)
 
 
-def _csv_benchmark(b: BenchmarkSpec, clip: LoadedClip, templates, shifts) -> Benchmark:
+def _csv_benchmark(b: BenchmarkSpec, train_tf, eval_tf, templates, shifts) -> Benchmark:
     classnames = tuple(b.classnames)
-    train, _ = load_csv_split(Path(b.train), classnames, clip.train_transform)
+    train, _ = load_csv_split(Path(b.train), classnames, train_tf)
     groups = identity_groups(len(classnames))
 
     def id_set(name: str, path: str) -> EvalSet:
-        dataset, _ = load_csv_split(Path(path), classnames, clip.eval_transform)
+        dataset, _ = load_csv_split(Path(path), classnames, eval_tf)
         return EvalSet(name=name, dataset=dataset, classnames=classnames, class_groups=groups)
 
     return Benchmark(name=Path(b.train).stem, classnames=classnames, templates=templates,
                      train=train, val=id_set("id_val", b.val), test=id_set("id_test", b.test),
-                     shifts={n: load_shift(n, s, classnames, clip.eval_transform)
-                             for n, s in shifts.items()},
-                     train_eval=train.with_transform(clip.eval_transform))
+                     shifts={n: load_shift(n, s, classnames, eval_tf) for n, s in shifts.items()},
+                     train_eval=train.with_transform(eval_tf))
 
 
 def zero_shot(clip: LoadedClip, bench: Benchmark, device: torch.device) -> ImageClassifier:

@@ -53,12 +53,17 @@ def main(ctx: click.Context, verbose: bool) -> None:
 def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, tracking_uri: str | None,
           address: str | None) -> None:
     """Fine-tune every grid point of SWEEP_FILE, sweep the mixing coefficient, report."""
+    from orchestrator.build import check_benchmark
     from orchestrator.spec import load_spec
+    from trainers.data import DataError
     verbose = ctx.obj["verbose"]
     try:
         spec = load_spec(sweep_file)
+        check_benchmark(spec.benchmark)
     except SpecError as err:
         raise UserError(f"{sweep_file}: {err}") from None
+    except DataError as err:
+        raise UserError(f"{sweep_file}: benchmark: {err}") from None
     if dry_run:
         _print_plan(spec, tracking_uri, address)
         return

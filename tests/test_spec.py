@@ -172,3 +172,19 @@ def test_csv_benchmark_from_a_sweep_file(tmp_path):
     image, label = bench.test.dataset[4]
     assert image.shape == (3, 32, 32) and label == 1
     assert len(templates_for(spec.benchmark)) == 80                 # OpenAI's ImageNet set
+
+
+def test_bad_image_folder_tree_fails_before_anything_starts(tmp_path):
+    import numpy as np
+    from PIL import Image
+    for split in ("train", "val", "test"):
+        (tmp_path / "task" / split / "cat").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "task" / split / "cat" / "a.png")
+    (tmp_path / "task" / "train" / "zebra").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "task" / "train" / "zebra" / "z.png")
+    data = with_({"benchmark": {"source": "imagefolder", "root": str(tmp_path / "task"),
+                                "classnames": ["cat", "dog"]}})
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and "benchmark:" in line and "zebra" in line
