@@ -38,8 +38,6 @@ def _fail(err: BaseException, verbose: bool, cls=UserError):
 def main(ctx: click.Context, verbose: bool) -> None:
     """orch: sweep robust fine-tuning methods for CLIP on Ray, record them in MLflow."""
     ctx.obj = {"verbose": verbose}
-    if not verbose:  # MLflow's INFO lines (database migrations, ...) are noise here
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -76,6 +74,8 @@ def _run(spec, sweep_file, tracking_uri, address, verbose) -> None:
     from orchestrator.sweep import SweepError, mlflow_ui_hint, run_sweep
     from trainers.data import DataError
     from trainers.models import ModelError
+    if not verbose:  # after mlflow's import, which sets its own level: its INFO lines are noise
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = tracking_uri or default_tracking_uri()
     try:
         result = run_sweep(spec, uri, address=address, verbose=verbose, echo=click.echo)
