@@ -204,3 +204,17 @@ def test_shrunken_toy_sweep_records_every_point(ray_local, toy_clip, tmp_path):
         assert run.data.params["seed"] in ("0", "1") and run.data.params["lr"] == "0.0003"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.png", "pareto.json"} <= artifacts
+
+
+def test_report_names_a_sweep_or_says_there_is_none(finished_sweep, tmp_path):
+    _, uri = finished_sweep
+    missing = CliRunner().invoke(main, ["report", "no-such-sweep"], env={"MLFLOW_TRACKING_URI": uri})
+    assert missing.exit_code == 2 and "no sweep 'no-such-sweep'" in missing.output
+    sweep_id = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("e2e").experiment_id],
+        "tags.`orch.kind` = 'sweep'")[0].data.tags["orch.sweep_id"]
+    named = CliRunner().invoke(main, ["report", sweep_id], env={"MLFLOW_TRACKING_URI": uri})
+    assert named.exit_code == 0 and sweep_id in named.output
+    empty = CliRunner().invoke(main, ["report"],
+                               env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"})
+    assert empty.exit_code == 2 and "no sweeps recorded" in empty.output
