@@ -132,7 +132,6 @@ class SweepSpec:
     storage_path: Path
     experiment: str
     source_file: Path | None = None
-    raw: dict = field(default_factory=dict, repr=False)
 
     def trials(self) -> list[TrialPoint]:
         """The grid expanded in file order (last key fastest)."""
@@ -209,7 +208,7 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
                      method_options=method_options, grid=grid, ensemble=ensemble,
                      ensemble_options=ensemble_options, resources=resources, eval=eval_spec,
                      storage_path=Path(storage).expanduser().resolve(), experiment=experiment,
-                     source_file=source_file, raw=raw)
+                     source_file=source_file)
 
 
 def _absolute_paths(obj: Any, names: tuple[str, ...]) -> Any:

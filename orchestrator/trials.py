@@ -34,14 +34,14 @@ _LOADED: dict[str, tuple] = {}
 
 
 def _load(spec: SweepSpec, device: torch.device):
-    """(clip, benchmark, zero-shot classifier) for this spec, cached per process."""
+    """(benchmark, zero-shot classifier) for this spec, cached per process."""
     key = fingerprint([dataclasses.asdict(spec.model), dataclasses.asdict(spec.benchmark),
                        str(device)])
     if key not in _LOADED:
         _LOADED.clear()
         clip = load_model(spec.model, device=device)
         bench = load_benchmark(spec.benchmark, clip)
-        _LOADED[key] = (clip, bench, zero_shot(clip, bench, device))
+        _LOADED[key] = (bench, zero_shot(clip, bench, device))
     return _LOADED[key]
 
 
@@ -58,7 +58,7 @@ def train_trial(config: dict, spec: SweepSpec) -> None:
     device = _setup(spec)
     point = spec.trials()[config["trial"]]
     method = get_method(point.method)
-    _, bench, zero_shot_model = _load(spec, device)
+    bench, zero_shot_model = _load(spec, device)
     model = copy.deepcopy(zero_shot_model)   # the cached one must stay zero-shot
 
     resume_state = None
@@ -92,7 +92,7 @@ def eval_trial(config: dict, spec: SweepSpec, checkpoints: dict[int, str]) -> No
     """Evaluate WiSE-FT at one alpha for one trained trial on every eval set."""
     device = _setup(spec)
     point = spec.trials()[config["trial"]]
-    _, bench, zero_shot_model = _load(spec, device)
+    bench, zero_shot_model = _load(spec, device)
     fine_tuned = copy.deepcopy(zero_shot_model)
     fine_tuned.load_state_dict(torch.load(Path(checkpoints[point.index]) / CLASSIFIER_FILE,
                                           map_location=device))

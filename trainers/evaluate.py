@@ -11,11 +11,10 @@ from typing import Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainers.data import EvalSet
+from trainers.data import EvalSet, ood_average
+from trainers.data.benchmark import ID_TEST as TEST_SET
+from trainers.data.benchmark import ID_VAL as VAL_SET
 from trainers.metrics import fit_temperature, set_metrics
-
-VAL_SET = "id_val"
-TEST_SET = "id_test"
 METRIC_KEYS = ("acc", "ece", "nll", "ece_ts", "nll_ts")
 
 
@@ -69,6 +68,7 @@ def summarize(per_set: Mapping[str, Mapping[str, float]], shift_names: Sequence[
         flat[f"id_{key}"] = float(per_set[TEST_SET][key])
         flat[f"val_{key}"] = float(per_set[VAL_SET][key])
         if shift_names:
-            flat[f"ood_{key}"] = sum(float(per_set[s][key]) for s in shift_names) / len(shift_names)
+            flat[f"ood_{key}"] = ood_average({s: per_set[s][key] for s in shift_names},
+                                             shift_names)
     flat["temperature"] = float(per_set[VAL_SET]["temperature"])
     return flat
