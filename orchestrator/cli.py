@@ -65,10 +65,10 @@ def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, tracking_uri: str 
     if dry_run:
         _print_plan(spec, tracking_uri, address)
         return
-    _run(spec, sweep_file, tracking_uri, address, verbose)
+    _run(spec, tracking_uri, address, verbose)
 
 
-def _run(spec, sweep_file, tracking_uri, address, verbose) -> None:
+def _run(spec, tracking_uri, address, verbose) -> None:
     from orchestrator.records import TrackingError, default_tracking_uri
     from orchestrator.report import format_table
     from orchestrator.sweep import SweepError, mlflow_ui_hint, run_sweep

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -59,10 +60,12 @@ def _init_ray(address: str | None, verbose: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if not verbose:
-        # Quiet unless -v: Tune's experiment banners and its snapshot-frequency warning
-        # (num_to_keep forces a snapshot per checkpoint, which is what we want).
+        # Quiet unless -v: Tune's experiment banners, its snapshot-frequency warning
+        # (num_to_keep forces a snapshot per checkpoint, which is what we want) and its
+        # tracebacks of failed trials (orch reports one line and the trial's log folder).
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return
     if address:

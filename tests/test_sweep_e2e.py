@@ -218,3 +218,22 @@ def test_report_names_a_sweep_or_says_there_is_none(finished_sweep, tmp_path):
     empty = CliRunner().invoke(main, ["report"],
                                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"})
     assert empty.exit_code == 2 and "no sweeps recorded" in empty.output
+
+
+def test_nan_loss_fails_the_sweep_with_one_line_and_no_traceback(workspace, tmp_path):
+    """Run as a user would (a separate process, real stderr): Ray Tune's own traceback of
+    the failed trial must not reach the terminal, only orch's one line."""
+    import os
+    import subprocess
+    import sys
+    spec = yaml.safe_load(sweep_file(workspace).read_text())
+    spec["method"]["lr"] = 1e12
+    path = sweep_file(workspace, name="e2e-nan", method=spec["method"], grid={"seed": [0]},
+                      storage_path=str(tmp_path / "runs"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (line,) = [l for l in (done.stdout + done.stderr).splitlines() if l.startswith("error:")]
+    assert "training trial ft-00_seed=0 failed" in line and "loss is nan" in line
+    assert "Traceback" not in done.stdout + done.stderr
