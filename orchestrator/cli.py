@@ -46,7 +46,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
-              help="Ray cluster address [env RAY_ADDRESS; default: start a local Ray].")
+              help="Ray cluster address [env RAY_ADDRESS; default: a `ray start` cluster on this "
+                   "machine, else a local Ray].")
 @click.pass_context
 def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, tracking_uri: str | None,
           address: str | None) -> None:
