@@ -85,6 +85,7 @@ class ResourcesSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int | None = None
+    max_failures: int = 0          # Tune restarts a failed trial this often (from its checkpoint)
 
     def __post_init__(self):
         if self.cpus_per_trial <= 0:
@@ -93,6 +94,8 @@ class ResourcesSpec:
             raise ValueError(f"gpus_per_trial must be >= 0, got {self.gpus_per_trial}")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ValueError("max_concurrent_trials must be >= 1")
+        if self.max_failures < 0:
+            raise ValueError("max_failures must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,8 @@ def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: boo
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(spec.storage_path), verbose=1 if verbose else 0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures)))
     return tuner.fit()
 
 
