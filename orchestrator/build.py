@@ -15,7 +15,7 @@ from trainers.data.folders import ShiftSource, load_imagefolder_benchmark, load_
 from trainers.models import (TOY_ARCH, ImageClassifier, LoadedClip, load_clip,
                              native_size_transform, zero_shot_classifier)
 from trainers.cache import cache_dir
-from trainers.progress import Progress
+from trainers.progress import progress_callback
 
 # open_clip ships the 80 OpenAI ImageNet templates and the short "simple" set.
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
@@ -29,19 +29,11 @@ def prepare(spec: SweepSpec, progress: bool = True) -> None:
         toy_clip_checkpoint(progress=progress)
     if spec.benchmark.source == "toyworld":
         from trainers.toyworld import world
-        bars: dict[str, Progress] = {}
-
-        def report(done: int, total: int, split: str) -> None:
-            if split not in bars:
-                if done >= total:  # loaded from the cache: nothing to show
-                    return
-                bars[split] = Progress(total, f"rendering toy world ({split})", enabled=progress)
-            bars[split].update(done - bars[split].done)
-
         for split in world.EVAL_SPLITS:
             world.load_or_build_split(world.WorldConfig(), split, cache_dir(),
                                       workers=min(2, os.cpu_count() or 1),
-                                      progress=lambda d, t, s=split: report(d, t, s))
+                                      progress=progress_callback(
+                                          f"rendering toy world ({split})", progress))
 
 
 def load_model(model: ModelSpec, augment: bool = True, device: str | torch.device = "cpu") -> LoadedClip:

@@ -104,10 +104,10 @@ class SweepRecords:
         columns = list(table[0])
         mlflow.log_table({c: [row[c] for row in table] for c in columns}, "pareto.json",
                          run_id=self.parent_id)
+        # the rows themselves are in pareto.json; this names the front and the choice
         self.client.log_dict(self.parent_id, {"front": [i for i, r in enumerate(table)
                                                         if r["on_front"]],
-                                              "selected": selected, "rows": table},
-                             "pareto_front.json")
+                                              "selected": selected}, "pareto_front.json")
         self.client.log_figure(self.parent_id, figure, "pareto.png")
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id,

@@ -15,6 +15,21 @@ def _fmt(seconds: float) -> str:
     return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
+def progress_callback(desc: str, enabled: bool = True):
+    """A `callback(done, total)` for builders that report chunks (the toy world's renderer):
+    the bar appears on the first report, and not at all when the first report is already
+    complete (the result came from a cache)."""
+    state: dict[str, Progress] = {}
+
+    def report(done: int, total: int) -> None:
+        if "bar" not in state:
+            if done >= total or not enabled:
+                return
+            state["bar"] = Progress(total, desc)
+        state["bar"].update(done - state["bar"].done)
+    return report
+
+
 class Progress:
     """`with Progress(total, "pretraining toy CLIP") as bar: bar.update(n, loss=...)`."""
 

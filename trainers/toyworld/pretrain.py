@@ -39,7 +39,7 @@ from open_clip.loss import ClipLoss
 
 from trainers.cache import atomic_path, cache_dir, file_lock, fingerprint
 from trainers.models import _TOY_CONFIG, TOY_ARCH
-from trainers.progress import Progress
+from trainers.progress import Progress, progress_callback
 from trainers.train_loop import warmup_cosine
 from trainers.toyworld import world
 
@@ -80,7 +80,7 @@ def toy_clip_checkpoint(recipe: PretrainRecipe = PretrainRecipe(),
             return final
         workers = world_size or min(2, os.cpu_count() or 1)
         images, captions, _ = world.load_or_build_pretraining(
-            world_cfg, root, workers=workers, progress=_world_progress(progress))
+            world_cfg, root, workers=workers, progress=progress_callback("rendering toy-world pretraining set", progress))
         started = time.monotonic()
         with atomic_path(final, suffix=".pt") as tmp:
             stats = pretrain(images, captions, recipe, tmp, world_size=workers,
@@ -89,18 +89,6 @@ def toy_clip_checkpoint(recipe: PretrainRecipe = PretrainRecipe(),
         final.with_suffix(".json").write_text(json.dumps(
             {"recipe": asdict(recipe), "world": world_cfg.fingerprint(), **stats}, indent=2))
     return final
-
-
-def _world_progress(enabled: bool):
-    if not enabled:
-        return None
-    bar: dict[str, Progress] = {}
-
-    def report(done: int, total: int) -> None:
-        if "bar" not in bar:
-            bar["bar"] = Progress(total, "rendering toy-world pretraining set")
-        bar["bar"].update(done - bar["bar"].done)
-    return report
 
 
 def pretrain(images: np.ndarray, captions: list[str], recipe: PretrainRecipe, out: Path,
