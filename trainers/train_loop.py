@@ -5,10 +5,16 @@ loss of one batch, and how to put the model in training mode); the loop owns the
 rest, top to bottom: seeded shuffling, AdamW, warmup + cosine stepped per iteration,
 mixed precision on GPU, gradient clipping after unscaling, a finite-loss check,
 and a checkpoint hook at the end of every epoch that can resume bit-for-bit
-(the shuffle order depends only on (seed, epoch)).
+(the shuffle order depends only on (seed, epoch); a task's own state, such as an
+EMA teacher or a random-number generator, rides along in the checkpoint).
+
+Optional task methods: `after_step(step, total_steps)` runs after each optimizer
+step (CaRot's EMA teacher), `extra_state()` / `load_extra_state(state)` save and
+restore what the task keeps besides `task.model`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -26,7 +32,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + linear warmup + cosine to 0 (METHODS.md, "Schedule")."""
+    """AdamW + linear warmup + cosine to 0 (docs/methods.md, "Shared pieces")."""
 
     lr: float
     epochs: int
@@ -57,6 +63,12 @@ class Hooks:
     progress: bool = True
     num_workers: int = 0
     history: list[dict] = field(default_factory=list)
+    # Methods with several training phases (LP-FT) name each; the name is stored in every
+    # checkpoint so a resumed run knows which phase it stopped in.
+    phase: str = "train"
+
+    def for_phase(self, phase: str, resume_state: dict | None) -> "Hooks":
+        return dataclasses.replace(self, phase=phase, resume_state=resume_state)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -89,13 +101,18 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
     start_epoch, history = 0, list(hooks.history)
     if hooks.resume_state is not None:
         state = hooks.resume_state
+        if state.get("phase", hooks.phase) != hooks.phase:
+            raise ValueError(f"checkpoint is from phase {state['phase']!r}, not {hooks.phase!r}")
         task.model.load_state_dict(state["model"])
+        if "task" in state:
+            task.load_extra_state(state["task"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
 
-    with Progress((cfg.epochs - start_epoch) * steps_per_epoch, "fine-tuning",
+    after_step = getattr(task, "after_step", None)
+    with Progress((cfg.epochs - start_epoch) * steps_per_epoch, hooks.phase,
                   enabled=hooks.progress) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             task.train_mode()
@@ -123,6 +140,8 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if after_step is not None:
+                    after_step(epoch * steps_per_epoch + step, total_steps)
                 loss_sum += loss.item() * len(labels)
                 seen += len(labels)
                 bar.update(1, loss=loss.item())
@@ -130,8 +149,10 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                        "lr": scheduler.get_last_lr()[0]}
             history.append(metrics)
             if hooks.on_epoch_end is not None:
-                hooks.on_epoch_end(epoch, metrics, {
-                    "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "history": history})
+                state = {"model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch, "history": history, "phase": hooks.phase}
+                if hasattr(task, "extra_state"):
+                    state["task"] = task.extra_state()
+                hooks.on_epoch_end(epoch, metrics, state)
     return history

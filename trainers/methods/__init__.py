@@ -1,31 +1,81 @@
-"""The method registry: one file per method, each registering itself here.
+"""The method registry: one file per method in this folder, found without an import list.
 
-A method is a frozen dataclass of options (exactly the YAML keys a sweep file may
-set for it) plus either a `fit` function (methods that train) or nothing more
-(post-hoc methods such as WiSE-FT, whose maths lives in pure functions in their
-own file). Tests parametrise over `REGISTRY`.
+A method file holds a docstring citing its paper, a frozen dataclass of options (exactly
+the YAML keys a sweep file may set for it), pure functions for its maths, a `fit`
+function, and one `register(Method(...))` call. Every module of this package whose
+name does not start with "_" is imported on first use of the registry, so adding a
+method is adding a file.
+
+`fit(start, options, ctx) -> Fitted` never modifies `start`: it copies what it trains.
+`Method.trains` says which parts of the model it updates; the registry test checks
+that exactly those change.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
-from trainers.models import ImageClassifier
+from trainers.models import ImageClassifier, LoadedClip
 from trainers.train_loop import Hooks
+
+# The parts of a CLIP classifier a method may update (`Method.trains`).
+HEAD = "head"                    # the linear head on the normalised image embedding
+IMAGE_TOWER = "image_tower"      # the image encoder
+TEXT_TOWER = "text_tower"        # the text encoder (and the logit scale)
+PARTS = (HEAD, IMAGE_TOWER, TEXT_TOWER)
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """What every method starts from. Shared, never modified: a method copies what it trains.
+
+    `clip` is the whole pre-trained open_clip model (with tokenizer and transforms), for
+    methods that train the text tower; `zero_shot` is the image classifier whose head was
+    built from `classnames` x `templates`.
+    """
+
+    clip: LoadedClip
+    zero_shot: ImageClassifier
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class FitContext:
-    """What a training method needs besides its options."""
+    """What a training method needs besides its options and start point."""
 
-    train_set: Dataset
+    train_set: Dataset               # training split, training preprocessing
     device: torch.device
     seed: int = 0
     hooks: Hooks = dataclasses.field(default_factory=Hooks)
+    # Zero-shot image features of the training split under EVALUATION preprocessing,
+    # (features (N, d) L2-normalised, labels (N,)). orch passes its Parquet feature cache;
+    # None means a method that needs them encodes the split itself, once.
+    train_features: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    train_eval_set: Dataset | None = None   # training split, evaluation preprocessing
+
+
+@dataclass
+class Fitted:
+    """A method's result. `classifier` is what evaluation runs (image encoder + head).
+
+    `text_tower` holds the fine-tuned CLIP's state outside the image tower (text encoder,
+    logit scale) for methods that train it; None means it is the pre-trained one.
+    """
+
+    classifier: ImageClassifier
+    text_tower: dict[str, torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint file stores (tensors only: loadable with weights_only=True)."""
+        return {"classifier": self.classifier.state_dict(), "text_tower": self.text_tower}
 
 
 @dataclass(frozen=True)
@@ -33,13 +83,19 @@ class Method:
     name: str
     options: type                       # frozen dataclass; its fields are the YAML keys
     paper: str
-    # fit(zero-shot classifier, options, context) -> fine-tuned classifier; None = post-hoc
-    fit: Callable[[ImageClassifier, Any, FitContext], ImageClassifier] | None = None
-    trains: str = "nothing"             # what it updates, in words (docs and --dry-run)
+    fit: Callable[[StartPoint, Any, FitContext], Fitted]
+    trains: frozenset[str]              # subset of PARTS
+    # Trains on the zero-shot image features of the training split (FitContext.train_features)
+    needs_train_features: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.trains) - set(PARTS)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown parts {sorted(unknown)}")
 
     @property
-    def post_hoc(self) -> bool:
-        return self.fit is None
+    def trained(self) -> bool:
+        return bool(self.trains)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -52,6 +108,12 @@ def register(method: Method) -> Method:
     return method
 
 
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
 def get_method(name: str) -> Method:
     try:
         return REGISTRY[name]
@@ -59,5 +121,28 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-# Importing the method files registers them.
-from trainers.methods import ft, wise_ft, zeroshot  # noqa: E402,F401
+def text_tower_state(clip_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of an open_clip model outside its image tower (text encoder, logit
+    scale), detached copies."""
+    return {k: v.detach().clone() for k, v in clip_model.state_dict().items()
+            if not k.startswith("visual.")}
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: running statistics stay as pre-trained while
+    the affine parameters still train. Re-estimating them on the ID style alone wrecks
+    the other styles (measured on the toy world: sketch 85 -> 43 %). No-op for ViTs."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def rebuild_head(clip: LoadedClip, clip_model: nn.Module, classnames: Sequence[str],
+                 templates: Sequence[str], device: torch.device) -> nn.Linear:
+    """The zero-shot head built from `clip_model`'s (fine-tuned) text tower and logit scale."""
+    from trainers.models import zero_shot_head
+    return zero_shot_head(dataclasses.replace(clip, model=clip_model), classnames, templates,
+                          device)
+
+
+_discover()

@@ -1,47 +1,33 @@
 """End-to-end fine-tuning (FT): image encoder + linear head with cross-entropy.
 
-The head starts from the zero-shot head, never from random weights (Wortsman et al.,
-"Robust fine-tuning of zero-shot models", CVPR 2022, https://arxiv.org/abs/2109.01903;
-Kumar et al., ICLR 2022, on why random heads distort features). Optional label
-smoothing `ls`: loss = (1-ls)*NLL + ls*mean_k(-log p_k), which is exactly
-`F.cross_entropy(..., label_smoothing=ls)`.
+Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022,
+https://arxiv.org/abs/2109.01903. The head starts from the zero-shot head, never from
+random weights (Kumar et al., ICLR 2022, on why random heads distort features).
+Optional label smoothing `ls`: loss = (1-ls)*NLL + ls*mean_k(-log p_k), which is
+exactly `F.cross_entropy(..., label_smoothing=ls)`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from trainers.methods import FitContext, Method, register
+from trainers.methods import (HEAD, IMAGE_TOWER, FitContext, Fitted, Method, StartPoint,
+                              freeze_batchnorm_statistics, register)
+from trainers.methods._common import TrainOptions, check_fraction, optim_config
 from trainers.models import ImageClassifier
-from trainers.train_loop import OptimConfig, train
+from trainers.train_loop import Hooks, train
 
 
 @dataclass(frozen=True)
-class FTOptions:
-    """Defaults are the paper recipe for ViT-B/16 on ImageNet (METHODS.md)."""
-
-    lr: float = 3e-5
-    epochs: int = 10
-    batch_size: int = 512
-    weight_decay: float = 0.1
-    warmup_steps: int = 500
-    grad_clip: float | None = 1.0
+class FTOptions(TrainOptions):
     label_smoothing: float = 0.0
-    # Keep BatchNorm running statistics frozen (affine parameters still train). Without
-    # it, statistics re-estimated on the ID style alone wreck other styles (TOYWORLD.md
-    # section 8.4). No effect on towers without BatchNorm (ViTs).
-    freeze_bn_stats: bool = True
 
     def __post_init__(self):
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0, epochs and batch_size >= 1, warmup_steps >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        super().__post_init__()
+        check_fraction("label_smoothing", self.label_smoothing)
 
 
 class FTTask:
@@ -56,9 +42,7 @@ class FTTask:
     def train_mode(self) -> None:
         self.model.train()
         if self.options.freeze_bn_stats:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            freeze_batchnorm_statistics(self.model)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)  # (B, C)
@@ -66,15 +50,18 @@ class FTTask:
                                label_smoothing=self.options.label_smoothing)
 
 
-def fit(zero_shot: ImageClassifier, options: FTOptions, ctx: FitContext) -> ImageClassifier:
+def fine_tune(classifier: ImageClassifier, options: FTOptions, ctx: FitContext,
+              hooks: Hooks) -> ImageClassifier:
+    """Train `classifier` in place (LP-FT calls this with its LP head)."""
     torch.manual_seed(ctx.seed)
-    task = FTTask(zero_shot, options)
-    cfg = OptimConfig(lr=options.lr, epochs=options.epochs, batch_size=options.batch_size,
-                      weight_decay=options.weight_decay, warmup_steps=options.warmup_steps,
-                      grad_clip=options.grad_clip, seed=ctx.seed)
-    train(task, ctx.train_set, cfg, ctx.device, ctx.hooks)
-    return task.model.eval()
+    task = FTTask(classifier, options)
+    train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, hooks)
+    return classifier.eval()
 
 
-register(Method(name="ft", options=FTOptions, fit=fit, trains="image encoder + head",
+def fit(start: StartPoint, options: FTOptions, ctx: FitContext) -> Fitted:
+    return Fitted(fine_tune(copy.deepcopy(start.zero_shot), options, ctx, ctx.hooks))
+
+
+register(Method(name="ft", options=FTOptions, fit=fit, trains=frozenset({HEAD, IMAGE_TOWER}),
                 paper="https://arxiv.org/abs/2109.01903"))

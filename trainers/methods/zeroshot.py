@@ -5,10 +5,10 @@ Supervision", ICML 2021. https://arxiv.org/abs/2103.00020
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
-from trainers.methods import FitContext, Method, register
-from trainers.models import ImageClassifier
+from trainers.methods import FitContext, Fitted, Method, StartPoint, register
 
 
 @dataclass(frozen=True)
@@ -16,9 +16,9 @@ class ZeroShotOptions:
     """No options: the head comes from the benchmark's class names and templates."""
 
 
-def fit(zero_shot: ImageClassifier, options: ZeroShotOptions, ctx: FitContext) -> ImageClassifier:
-    return zero_shot
+def fit(start: StartPoint, options: ZeroShotOptions, ctx: FitContext) -> Fitted:
+    return Fitted(copy.deepcopy(start.zero_shot))
 
 
-register(Method(name="zeroshot", options=ZeroShotOptions, fit=fit, trains="nothing",
+register(Method(name="zeroshot", options=ZeroShotOptions, fit=fit, trains=frozenset(),
                 paper="https://arxiv.org/abs/2103.00020"))
