@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.methods.wise_ft import interpolate_state_dicts, wise_ft
+from trainers.ensembles.wise_ft import interpolate_state_dicts, wise_ft
 
 
 def small_net(seed: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Evaluation protocol (METHODS.md): logits per eval set, metrics, OOD average.
+"""Evaluation protocol (docs/methods.md): logits per eval set, metrics, OOD average.
 
 One temperature is fitted by NLL on the ID validation split and applied to every
 set for the `_ts` metrics. Sets covering a subset of the classes (or mapping each
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from trainers.data import EvalSet, ood_average
 from trainers.data.benchmark import ID_TEST as TEST_SET
 from trainers.data.benchmark import ID_VAL as VAL_SET
-from trainers.metrics import fit_temperature, set_metrics
+from trainers.metrics import fit_temperature, reliability, set_metrics
 METRIC_KEYS = ("acc", "ece", "nll", "ece_ts", "nll_ts")
 
 
@@ -34,6 +34,34 @@ def predict(model: torch.nn.Module, dataset: Dataset, device: torch.device,
     return torch.cat(logits), torch.cat(labels).long()
 
 
+@torch.no_grad()
+def encode_batch(classifier: torch.nn.Module, images: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised image features (B, d), logits (B, C)) of one batch, float32 on CPU.
+    One image-tower pass gives both (the head is linear on the features)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        features = classifier.features(images.to(device, non_blocking=True))
+        logits = classifier.head(features)
+    return features.float().cpu(), logits.float().cpu()
+
+
+@torch.no_grad()
+def encode(classifier: torch.nn.Module, dataset: Dataset, device: torch.device,
+           batch_size: int = 256, num_workers: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features (N, d), logits (N, C), labels (N,)) of a whole dataset, in its order."""
+    classifier.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    features, logits, labels = [], [], []
+    for images, targets in loader:
+        f, z = encode_batch(classifier, images, device)
+        features.append(f)
+        logits.append(z)
+        labels.append(torch.as_tensor(targets))
+    return torch.cat(features), torch.cat(logits), torch.cat(labels).long()
+
+
 def evaluate_logits(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
                     eval_sets: Mapping[str, EvalSet]) -> dict[str, dict[str, float]]:
     """Metrics per set from ID-class logits; the temperature is fitted on `id_val`."""
@@ -45,6 +73,7 @@ def evaluate_logits(logits: Mapping[str, torch.Tensor], labels: Mapping[str, tor
         projected = eval_set.project(logits[name])  # (N, K) in the set's own classes
         results[name] = set_metrics(projected, labels[name], temperature)
         results[name]["temperature"] = temperature
+        results[name]["bins"] = [t.tolist() for t in reliability(projected, labels[name])]
     return results
 
 
@@ -72,3 +101,15 @@ def summarize(per_set: Mapping[str, Mapping[str, float]], shift_names: Sequence[
                                              shift_names)
     flat["temperature"] = float(per_set[VAL_SET]["temperature"])
     return flat
+
+
+def reliability_summary(per_set: Mapping[str, Mapping], shift_names: Sequence[str]) -> dict:
+    """Reliability-diagram bins (count, sum of confidence, number correct per bin) of the
+    ID test set and of all shift samples pooled: {"id": [...], "ood": [...]}."""
+    def total(names):
+        return [[sum(vals) for vals in zip(*(per_set[n]["bins"][part] for n in names))]
+                for part in range(3)]
+    out = {"id": per_set[TEST_SET]["bins"]}
+    if shift_names:
+        out["ood"] = total(shift_names)
+    return out

@@ -3,7 +3,7 @@
 Every function takes the logits of the WHOLE set at once (never per-batch averages: ECE and
 temperature scaling are not decomposable over batches) and returns a Python float.
 
-Conventions (see METHODS.md, "Evaluation protocol"):
+Conventions (see docs/methods.md, "Evaluation protocol"):
 
 - ``logits`` is ``(N, C)`` and finite; ``labels`` is ``(N,)`` integer in ``[0, C)``. Class
   subsets are applied BEFORE these functions (``EvalSet.project``), never by masking with
@@ -28,6 +28,10 @@ __all__ = [
     "expected_calibration_error",
     "negative_log_likelihood",
     "fit_temperature",
+    "confidence_temperature",
+    "reliability",
+    "reliability_bins",
+    "ece_from_bins",
     "set_metrics",
 ]
 
@@ -108,6 +112,31 @@ def _correct(logits: Tensor, labels: Tensor) -> Tensor:
     return logits.argmax(dim=1) == labels
 
 
+def reliability_bins(conf: Tensor, correct: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per confidence bin: (sample count, sum of confidences, number correct), each
+    ``(n_bins,)`` float64; the bins of ``expected_calibration_error``. Inputs may carry
+    leading dimensions ``(..., N)``: the outputs are then ``(..., n_bins)``."""
+    conf = conf.double()
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)
+    # bucketize(right=False) returns i with edges[i-1] < c <= edges[i]; bin = i - 1.
+    bins = (torch.bucketize(conf, edges, right=False) - 1).clamp_(0, n_bins - 1)  # (..., N)
+    rows = bins.reshape(-1, conf.shape[-1])                                       # (R, N)
+    row_offset = torch.arange(rows.shape[0], device=conf.device)[:, None] * n_bins
+    flat = (rows + row_offset).reshape(-1)                   # one bincount for every row
+    size = rows.shape[0] * n_bins
+    count = torch.bincount(flat, minlength=size).double()
+    sum_conf = torch.bincount(flat, weights=conf.reshape(-1), minlength=size)
+    sum_correct = torch.bincount(flat, weights=correct.reshape(-1).double(), minlength=size)
+    shape = (*conf.shape[:-1], n_bins)
+    return count.view(shape), sum_conf.view(shape), sum_correct.view(shape)
+
+
+def ece_from_bins(count: Tensor, sum_conf: Tensor, sum_correct: Tensor) -> Tensor:
+    """ECE from ``reliability_bins`` (any leading dimensions):
+    ``sum_b |B_b|/N * |acc_b - conf_b| == sum_b |sum_correct_b - sum_conf_b| / N``."""
+    return (sum_correct - sum_conf).abs().sum(-1) / count.sum(-1)
+
+
 def _ece_from(conf: Tensor, correct: Tensor, n_bins: int) -> float:
     """ECE from per-sample confidence ``(N,)`` and correctness ``(N,)``.
 
@@ -116,13 +145,7 @@ def _ece_from(conf: Tensor, correct: Tensor, n_bins: int) -> float:
     Guo et al. 2017). ``c == 0`` cannot come out of a softmax but is put in bin 0 so every
     sample counts.
     """
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)
-    # bucketize(right=False) returns i with edges[i-1] < c <= edges[i]; bin = i - 1.
-    bins = (torch.bucketize(conf, edges, right=False) - 1).clamp_(0, n_bins - 1)  # (N,)
-    sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, conf)
-    sum_acc = torch.zeros_like(sum_conf).index_add_(0, bins, correct.double())
-    # sum_b |B_b|/N * |acc_b - conf_b| == sum_b |sum_acc_b - sum_conf_b| / N (empty bins add 0).
-    return float((sum_acc - sum_conf).abs().sum() / conf.shape[0])
+    return float(ece_from_bins(*reliability_bins(conf, correct, n_bins)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +249,42 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
         if converged:
             break
     return 1.0 / beta
+
+
+def reliability(logits: Tensor, labels: Tensor, n_bins: int = 15,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The reliability-diagram bins of ``softmax(logits / temperature)``: per bin the
+    sample count, the sum of confidences and the number correct (``reliability_bins``)."""
+    logits, labels = _check_inputs(logits, labels)
+    conf, _ = _confidence_and_nll(logits, labels, _check_temperature(temperature))
+    return reliability_bins(conf, _correct(logits, labels), n_bins)
+
+
+def confidence_temperature(logits: Tensor, labels: Tensor) -> float:
+    """The temperature ``T`` at which the mean max-probability of ``softmax(logits / T)``
+    equals the accuracy (VRF's calibration of each ensemble member, fitted on ID
+    validation). The mean max-probability falls monotonically as ``T`` grows, so a
+    bisection on ``log T`` over ``[0.05, 20]`` finds it; outside that range the nearest
+    boundary is returned."""
+    logits, labels = _check_inputs(logits, labels)
+    target = float(_correct(logits, labels).double().mean())
+
+    def mean_confidence(t: float) -> float:
+        conf, _ = _confidence_and_nll(logits, labels, t)
+        return float(conf.mean())
+
+    lo, hi = math.log(_T_MIN), math.log(_T_MAX)
+    if mean_confidence(_T_MIN) <= target:
+        return _T_MIN
+    if mean_confidence(_T_MAX) >= target:
+        return _T_MAX
+    while hi - lo > 1e-7:  # about 27 halvings of a range of 6 in log T
+        mid = (lo + hi) / 2
+        if mean_confidence(math.exp(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)
 
 
 def set_metrics(logits: Tensor, labels: Tensor, temperature: float) -> dict[str, float]:

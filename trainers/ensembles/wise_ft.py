@@ -2,9 +2,13 @@
 
 Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022,
 https://arxiv.org/abs/2109.01903.  theta(alpha) = (1-alpha)*theta_zs + alpha*theta_ft
-over ALL parameters, the head included, and over floating-point buffers too
-(BatchNorm running statistics); integer buffers (`num_batches_tracked`) are taken
-from the zero-shot model.
+over ALL parameters of the classifier, the head included, and over floating-point
+buffers too (BatchNorm running statistics); integer buffers (`num_batches_tracked`)
+are taken from the zero-shot model.
+
+For methods that fine-tune the text tower (FLYP, CaRot) the fine-tuned classifier's
+head is the zero-shot head rebuilt from the fine-tuned text tower, so interpolating
+classifiers mixes the two heads linearly, as the CaRot authors' WiSE-FT code does.
 """
 from __future__ import annotations
 
@@ -14,21 +18,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainers.methods import Method, register
+from trainers.ensembles import (FINE_TUNED_MEMBER, WEIGHTS, ZERO_SHOT_MEMBER, Ensemble,
+                                check_grid, register)
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 @dataclass(frozen=True)
 class WiseFTOptions:
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    alpha: tuple[float, ...] = DEFAULT_ALPHAS
 
     def __post_init__(self):
-        if not self.alphas:
-            raise ValueError("alphas must not be empty")
-        bad = [a for a in self.alphas if not 0.0 <= float(a) <= 1.0]
-        if bad:
-            raise ValueError(f"alphas must lie in [0, 1], got {bad}")
+        check_grid("alpha", self.alpha, 0.0, 1.0)
 
 
 def interpolate_state_dicts(zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor],
@@ -65,6 +66,15 @@ def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> nn.Mod
     return model
 
 
-register(Method(name="wise_ft", options=WiseFTOptions, fit=None,
-                trains="nothing (post-hoc weight interpolation)",
-                paper="https://arxiv.org/abs/2109.01903"))
+def mix(zero_shot: nn.Module, fine_tuned: nn.Module, point: dict[str, float],
+        options: WiseFTOptions) -> nn.Module:
+    return wise_ft(zero_shot, fine_tuned, point["alpha"])
+
+
+def endpoint(point: dict[str, float]) -> str | None:
+    """alpha 0 and 1 give the members' weights exactly (see interpolate_state_dicts)."""
+    return {0.0: ZERO_SHOT_MEMBER, 1.0: FINE_TUNED_MEMBER}.get(point["alpha"])
+
+
+register(Ensemble(name="wise_ft", options=WiseFTOptions, coefficients=("alpha",), mixes=WEIGHTS,
+                  mix=mix, endpoint=endpoint, paper="https://arxiv.org/abs/2109.01903"))

@@ -1,0 +1,114 @@
+"""The ensemble registry: one file per way of mixing a zero-shot and a fine-tuned model.
+
+An ensemble is a frozen options dataclass (the YAML keys), the names of the options that
+are coefficient grids (WiSE-FT and OSE: `alpha`; VRF: `a`, `b`), and what it mixes:
+
+- "weights": `mix(zero_shot, fine_tuned, point, options) -> classifier`, a new model
+  per coefficient point; each needs its own forward pass over the eval sets.
+- "outputs": `mix(members, options, points) -> Mixture`, the per-sample weight of the
+  fine-tuned model at every point, computed from outputs cached once per model (logits,
+  and image features where `needs_features`); `trainers.ensembles.mixture` turns that
+  into metrics for all points at once, vectorised.
+
+Every module here whose name does not start with "_" registers itself when the registry
+is first imported; adding an ensemble is adding a file.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+WEIGHTS, OUTPUTS = "weights", "outputs"
+ZERO_SHOT_MEMBER, FINE_TUNED_MEMBER = "zero_shot", "fine_tuned"
+
+
+@dataclass(frozen=True)
+class MemberOutputs:
+    """One model's cached outputs, per set name (the eval sets, plus `id_train`: the
+    training split under evaluation preprocessing, aligned by index).
+
+    logits: (N, C) over the ID classes (projection to a set's own classes comes later);
+    features: (N, d) L2-normalised image features, or None when not loaded."""
+
+    logits: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """What an output-space ensemble decides: each member's temperature and, per set,
+    the fine-tuned member's weight for every (point, sample): (P, N) in [0, 1].
+    p = (1 - w) * softmax(z_zs / T_zs) + w * softmax(z_ft / T_ft)."""
+
+    temperatures: tuple[float, float]
+    weights: dict[str, torch.Tensor]
+    diagnostics: dict[str, Any] | None = None   # e.g. VRF's ZSF size and k
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    name: str
+    options: type                   # frozen dataclass; its fields are the YAML keys
+    coefficients: tuple[str, ...]   # option fields that are grids of coefficient values
+    mixes: str                      # WEIGHTS or OUTPUTS
+    mix: Callable[..., Any]
+    paper: str
+    needs_features: bool = False    # outputs ensembles: needs cached image features
+    # Weight-space ensembles: which member a coefficient point reproduces exactly
+    # ("zero_shot", "fine_tuned" or None), so its metrics come from cached outputs.
+    endpoint: Callable[[dict[str, float]], str | None] | None = None
+
+    def points(self, options: Any) -> list[dict[str, float]]:
+        """Every coefficient combination, in file order (last coefficient fastest)."""
+        grids = [getattr(options, name) for name in self.coefficients]
+        return [dict(zip(self.coefficients, values)) for values in itertools.product(*grids)]
+
+
+def check_grid(name: str, values: tuple[float, ...], low: float | None = None,
+               high: float | None = None, positive: bool = False) -> None:
+    """A coefficient grid: non-empty, finite, no duplicates, inside its range."""
+    if not values:
+        raise ValueError(f"{name} must list at least one value")
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: {v} is not a finite number")
+        if (low is not None and v < low) or (high is not None and v > high):
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            raise ValueError(f"{name}: {v:g} is outside [{lo}, {hi}]")
+        if positive and v <= 0:
+            raise ValueError(f"{name}: must be > 0, got {v:g}")
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"{name}: duplicate value {seen[0]:g}")
+
+
+REGISTRY: dict[str, Ensemble] = {}
+
+
+def register(ensemble: Ensemble) -> Ensemble:
+    if ensemble.name in REGISTRY:
+        raise ValueError(f"ensemble {ensemble.name!r} registered twice")
+    if ensemble.mixes not in (WEIGHTS, OUTPUTS):
+        raise ValueError(f"ensemble {ensemble.name!r}: mixes must be {WEIGHTS} or {OUTPUTS}")
+    REGISTRY[ensemble.name] = ensemble
+    return ensemble
+
+
+def get_ensemble(name: str) -> Ensemble:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown ensemble {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_") and _info.name != "mixture":
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -1,0 +1,146 @@
+"""Metrics of two-member output mixtures at every coefficient point at once.
+
+    p = (1 - w) * softmax(z_zs / T_zs) + w * softmax(z_ft / T_ft),   w per (point, sample)
+
+Logits are projected to each set's own classes BEFORE the softmax (class subsets,
+many-to-one maps). Nothing re-runs a model: the inputs are cached logits.
+
+Accuracy, ECE and NLL for P points need only, per (point, sample), the mixture's top
+class, its probability and the label's probability. The top class of a two-member
+mixture lies among a few candidates: the top-m classes of either member, unless a class
+outside both top-m lists could reach the maximum. Any such class has p_zs <= t_zs and
+p_ft <= t_ft, the (m+1)-th largest values, so the candidate maximum is exact whenever it
+exceeds (1-w) t_zs + w t_ft; the rare (point, sample) pairs where it does not are
+recomputed over all classes. That makes a 101-point sweep over 50,000 x 1,000 logits a
+matter of (P, N, 2m) arrays instead of (P, N, C) ones.
+
+Temperature-scaled metrics (`*_ts`) need the whole mixed distribution: one temperature
+per point, fitted by NLL on ID validation, as for single models; that part runs per
+point over all classes (`with_ts=False` skips it).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from trainers.data import EvalSet
+from trainers.data.benchmark import ID_VAL
+from trainers.ensembles import MemberOutputs, Mixture
+from trainers.metrics import (confidence_temperature, ece_from_bins, fit_temperature,
+                              reliability_bins)
+
+CANDIDATES = 5                 # top-m classes of each member
+_CHUNK = 1 << 24               # (P, n, 2m) elements per chunk
+
+
+def member_temperatures(zero_shot: MemberOutputs, fine_tuned: MemberOutputs) -> tuple[float, float]:
+    """Per model, the temperature at which its mean confidence equals its accuracy on ID
+    validation (VRF's calibration)."""
+    return tuple(confidence_temperature(m.logits[ID_VAL], m.labels[ID_VAL])
+                 for m in (zero_shot, fine_tuned))
+
+
+def _top_class_stats(p0: torch.Tensor, p1: torch.Tensor, w: torch.Tensor):
+    """Per (point, sample): (top probability, top class) of (1-w) p0 + w p1.
+    p0, p1 (N, K); w (P, N). Exact (see module doc); ties go to the lowest class."""
+    n, k = p0.shape
+    m = min(CANDIDATES, k)
+    if m == k:
+        cand = torch.arange(k, device=p0.device).expand(n, k)
+        t0 = t1 = None
+    else:
+        v0, i0 = p0.topk(m + 1, dim=1)
+        v1, i1 = p1.topk(m + 1, dim=1)
+        # Sorted, so the first maximum is the lowest class index: ties break as argmax does.
+        cand = torch.cat([i0[:, :m], i1[:, :m]], dim=1).sort(dim=1).values   # (N, 2m)
+        t0, t1 = v0[:, m], v1[:, m]                                           # (N,)
+    c0, c1 = p0.gather(1, cand), p1.gather(1, cand)               # (N, 2m)
+    conf = torch.empty_like(w)
+    pred = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    rows = max(1, _CHUNK // (w.shape[0] * cand.shape[1]))
+    for s in range(0, n, rows):
+        sl = slice(s, s + rows)
+        ws = w[:, sl, None]
+        # (1-w) p0 + w p1, not p0 + w (p1 - p0): at w = 1 the latter loses a small p1
+        # next to a large p0 to cancellation.
+        mixed = (1 - ws) * c0[None, sl] + ws * c1[None, sl]        # (P, n, 2m)
+        arg = mixed.argmax(dim=2, keepdim=True)
+        conf[:, sl] = mixed.gather(2, arg)[..., 0]
+        pred[:, sl] = cand[sl].expand(w.shape[0], -1, -1).gather(2, arg)[..., 0]
+    if t0 is not None:
+        bound = (1 - w) * t0[None, :] + w * t1[None, :]            # (P, N)
+        unsure = (conf <= bound).nonzero(as_tuple=True)
+        if unsure[0].numel():
+            wu = w[unsure][:, None]
+            full = (1 - wu) * p0[unsure[1]] + wu * p1[unsure[1]]    # (u, K)
+            pred[unsure] = full.argmax(dim=1)
+            conf[unsure] = full.gather(1, pred[unsure][:, None])[:, 0]
+    return conf, pred
+
+
+def _log_label_probability(lp0: torch.Tensor, lp1: torch.Tensor, w: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """log((1-w) p0[y] + w p1[y]) per (point, sample), from the members' log-softmaxes:
+    in log space a label probability far below float32's range (a logit 100 below the
+    top) still counts as what it is, not as 0."""
+    ly0 = lp0.gather(1, labels[:, None])[:, 0].double()
+    ly1 = lp1.gather(1, labels[:, None])[:, 0].double()
+    w = w.double()
+    return torch.logaddexp(torch.log1p(-w) + ly0[None, :], torch.log(w) + ly1[None, :])
+
+
+def _log_mixture(lp0: torch.Tensor, lp1: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """log((1-w) p0 + w p1) in float64 for one point, from the members' log-softmaxes:
+    w (N,) -> (N, K), finite everywhere (w = 0 or 1 give the member's log-softmax)."""
+    w = w.double()[:, None]
+    return torch.logaddexp(torch.log1p(-w) + lp0.double(), torch.log(w) + lp1.double())
+
+
+def mixture_metrics(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, mixture: Mixture,
+                    eval_sets: Mapping[str, EvalSet], with_ts: bool = True) -> list[dict]:
+    """One entry per point: {set name: {acc, ece, nll, ece_ts, nll_ts, temperature,
+    bins}}, the same shape as `trainers.evaluate.evaluate_logits` gives a single model.
+    `bins` are the 15 reliability bins (count, sum of confidence, number correct)."""
+    t0, t1 = mixture.temperatures
+    log_probs = {}
+    for name, eval_set in eval_sets.items():
+        lp0 = torch.log_softmax(eval_set.project(zero_shot.logits[name]).float() / t0, dim=1)
+        lp1 = torch.log_softmax(eval_set.project(fine_tuned.logits[name]).float() / t1, dim=1)
+        log_probs[name] = (lp0, lp1)
+    n_points = mixture.weights[ID_VAL].shape[0]
+    results: list[dict] = [{} for _ in range(n_points)]
+    for name, (lp0, lp1) in log_probs.items():
+        labels = zero_shot.labels[name].to(lp0.device)
+        w = mixture.weights[name].to(lp0.device).float()           # (P, N)
+        conf, pred = _top_class_stats(lp0.exp(), lp1.exp(), w)
+        correct = pred == labels[None, :]
+        count, sum_conf, sum_correct = reliability_bins(conf, correct)   # (P, 15) each
+        ece = ece_from_bins(count, sum_conf, sum_correct)
+        acc = correct.double().mean(1)
+        nll = -_log_label_probability(lp0, lp1, w, labels).mean(1)
+        for i in range(n_points):
+            results[i][name] = {"acc": float(acc[i]), "ece": float(ece[i]), "nll": float(nll[i]),
+                                "bins": [count[i].tolist(), sum_conf[i].tolist(),
+                                         sum_correct[i].tolist()]}
+    if with_ts:
+        _add_temperature_scaled(results, log_probs, mixture, zero_shot.labels)
+    return results
+
+
+def _add_temperature_scaled(results: list[dict], log_probs: dict, mixture: Mixture,
+                            labels: Mapping[str, torch.Tensor]) -> None:
+    """Per point: one temperature fitted by NLL on ID validation of the mixture, then
+    ECE and NLL of softmax(log p / T) on every set."""
+    from trainers.metrics import expected_calibration_error, negative_log_likelihood
+    for i, result in enumerate(results):
+        lp0, lp1 = log_probs[ID_VAL]
+        w = mixture.weights[ID_VAL][i].to(lp0.device)
+        temperature = fit_temperature(_log_mixture(lp0, lp1, w), labels[ID_VAL].to(lp0.device))
+        for name, (lp0, lp1) in log_probs.items():
+            log_p = _log_mixture(lp0, lp1, mixture.weights[name][i].to(lp0.device))
+            y = labels[name].to(lp0.device)
+            result[name].update(
+                ece_ts=expected_calibration_error(log_p, y, temperature=temperature),
+                nll_ts=negative_log_likelihood(log_p, y, temperature=temperature),
+                temperature=temperature)
