@@ -3,18 +3,22 @@ the benchmark, and the zero-shot classifier. Used by the driver (to prepare cach
 once, before any trial starts) and by every trial (to load them)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from orchestrator.spec import BenchmarkSpec, ModelSpec, SweepSpec
 from trainers.data import Benchmark, EvalSet, identity_groups, load_csv_split
 from trainers.data.folders import ShiftSource, load_imagefolder_benchmark, load_shift
 from trainers.models import (TOY_ARCH, ImageClassifier, LoadedClip, load_clip,
                              native_size_transform, zero_shot_classifier)
-from trainers.cache import cache_dir
+from trainers.cache import cache_dir, fingerprint
+from trainers.methods import Fitted, StartPoint
 from trainers.progress import progress_callback
 
 # open_clip ships the 80 OpenAI ImageNet templates and the short "simple" set.
@@ -39,7 +43,7 @@ def prepare(spec: SweepSpec, progress: bool = True) -> None:
 def load_model(model: ModelSpec, augment: bool = True, device: str | torch.device = "cpu") -> LoadedClip:
     if model.arch == "toy":
         from trainers.toyworld.pretrain import toy_clip_checkpoint
-        # Eval-only preprocessing for the toy world: augmentation hurt there (TOYWORLD.md W2.8).
+        # Eval-only preprocessing for the toy world: augmentation hurt there (docs/toyworld.md).
         return load_clip(TOY_ARCH, str(toy_clip_checkpoint(progress=False)), augment=False,
                          device=device)
     if model.config:  # a user's own architecture: register it in this process too
@@ -55,7 +59,7 @@ def _format_strings(templates) -> tuple[str, ...]:
 
 def templates_for(b: BenchmarkSpec) -> tuple[str, ...]:
     """The prompt templates: a named open_clip set, the file's list, or the 80 OpenAI
-    ImageNet templates (METHODS.md, zero-shot head)."""
+    ImageNet templates (docs/methods.md, "Shared pieces")."""
     if isinstance(b.templates, list):
         return tuple(b.templates)
     named = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
@@ -114,3 +118,59 @@ def _csv_benchmark(b: BenchmarkSpec, train_tf, eval_tf, templates, shifts) -> Be
 
 def zero_shot(clip: LoadedClip, bench: Benchmark, device: torch.device) -> ImageClassifier:
     return zero_shot_classifier(clip, bench.classnames, bench.templates, device)
+
+
+TRAIN_EVAL = "id_train"
+
+
+def feature_datasets(bench: Benchmark) -> dict[str, Dataset]:
+    """Every set features can be cached for: the eval sets, and the training split under
+    evaluation preprocessing (`id_train`, aligned by index with `train`)."""
+    sets = {name: s.dataset for name, s in bench.eval_sets().items()}
+    if bench.train_eval is not None:
+        sets[TRAIN_EVAL] = bench.train_eval
+    return sets
+
+
+@dataclass(frozen=True)
+class Assets:
+    """What trials and feature actors share: the pre-trained CLIP, the benchmark, and the
+    methods' start point (zero-shot classifier, class names, templates)."""
+
+    clip: LoadedClip
+    bench: Benchmark
+    start: StartPoint
+
+# Trials run in reused Ray actors and feature encoders in an actor pool: keep the last
+# loaded assets of this process, so many trials load the model and benchmark once.
+_ASSETS: dict[str, Assets] = {}
+
+
+def load_assets(spec: SweepSpec, device: torch.device) -> Assets:
+    """Model, benchmark and zero-shot classifier for this spec, cached per process. The
+    returned objects are shared: methods copy what they train."""
+    key = fingerprint([dataclasses.asdict(spec.model), dataclasses.asdict(spec.benchmark),
+                       str(device)])
+    if key not in _ASSETS:
+        _ASSETS.clear()
+        clip = load_model(spec.model, device=device)
+        bench = load_benchmark(spec.benchmark, clip)
+        start = StartPoint(clip, zero_shot(clip, bench, device), bench.classnames,
+                           bench.templates)
+        _ASSETS[key] = Assets(clip, bench, start)
+    return _ASSETS[key]
+
+
+def save_fitted(fitted: Fitted, path: Path) -> None:
+    torch.save(fitted.state(), path)
+
+
+def load_fitted(assets: Assets, path: str | Path | None, device: torch.device) -> Fitted:
+    """A trial's fitted model from its file; None gives the zero-shot model. Files are
+    read with weights_only=True: tensors only, no code runs from a checkpoint."""
+    if path is None:
+        return Fitted(assets.start.zero_shot)
+    state = torch.load(path, map_location=device, weights_only=True)
+    classifier = copy.deepcopy(assets.start.zero_shot)
+    classifier.load_state_dict(state["classifier"])
+    return Fitted(classifier.eval(), state.get("text_tower"))

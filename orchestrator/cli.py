@@ -71,7 +71,7 @@ def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, tracking_uri: str 
 
 def _run(spec, tracking_uri, address, verbose) -> None:
     from orchestrator.records import TrackingError, default_tracking_uri
-    from orchestrator.report import format_table
+    from orchestrator.report import format_summary
     from orchestrator.sweep import SweepError, mlflow_ui_hint, run_sweep
     from trainers.data import DataError
     from trainers.models import ModelError
@@ -85,7 +85,7 @@ def _run(spec, tracking_uri, address, verbose) -> None:
     except SweepError as err:
         _fail(err, verbose, RunError)
     click.echo("")
-    click.echo(format_table(result.rows, result.selected))
+    click.echo(format_summary(result.rows))
     click.echo("")
     click.echo(f"MLflow: sweep {result.sweep_id} (parent run {result.parent_run_id}). To look at it:")
     click.echo("  " + mlflow_ui_hint(uri, result.experiment_id).replace("\n", "\n  "))
@@ -94,19 +94,28 @@ def _run(spec, tracking_uri, address, verbose) -> None:
 def _print_plan(spec, tracking_uri, address) -> None:
     from orchestrator.records import default_tracking_uri
     points = spec.trials()
-    r = spec.resources
-    click.echo(f"sweep {spec.name}: method {spec.method}, ensemble {spec.ensemble}, "
-               f"model {spec.model.arch}"
+    r, f = spec.resources, spec.features
+    trained = [p for p in points if p.trained]
+    click.echo(f"sweep {spec.name}: model {spec.model.arch}"
                + (f" ({spec.model.pretrained})" if spec.model.pretrained else "")
                + f", benchmark {spec.benchmark.source}")
-    click.echo(f"{len(points)} training trial(s), {len(spec.alphas)} alpha(s) each "
-               f"-> {len(points) * len(spec.alphas)} evaluation trial(s)")
-    for point in points:
-        options = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(point.options).items())
-        click.echo(f"  {point.name}: seed={point.seed} {options}")
-    click.echo(f"alphas: {', '.join(f'{a:g}' for a in spec.alphas)}")
+    click.echo(f"{len(points)} trial(s), {len(trained)} of them trained; "
+               f"{spec.num_points()} point(s) to evaluate")
+    for entry in spec.methods:
+        click.echo(f"method {entry.label} ({entry.method}):")
+        for point in (p for p in points if p.label == entry.label):
+            options = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(point.options).items())
+            click.echo(f"  {point.name}: seed={point.seed} {options}")
+    for entry in spec.ensembles:
+        grid = ", ".join(f"{c} in [{', '.join(f'{v:g}' for v in getattr(entry.options, c))}]"
+                         for c in entry.ensemble.coefficients)
+        applies = ", ".join(entry.methods) if entry.methods else "every trained method"
+        click.echo(f"ensemble {entry.name} ({entry.ensemble.mixes}): {grid}; "
+                   f"{len(entry.points())} point(s) per trial; applies to {applies}")
     click.echo(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU; "
                f"max concurrent: {r.max_concurrent_trials or 'as resources allow'}")
+    click.echo(f"feature cache: {f.actors or 'auto'} actor(s) x {f.cpus_per_actor:g} CPU, "
+               f"{f.gpus_per_actor:g} GPU; batch {f.batch_size}")
     click.echo(f"Ray: {address or 'local (started on demand)'}; storage: {spec.storage_path}")
     click.echo(f"MLflow: {tracking_uri or default_tracking_uri()}, experiment {spec.experiment!r}")
 
@@ -115,18 +124,20 @@ def _print_plan(spec, tracking_uri, address) -> None:
 @click.argument("sweep_id", required=False)
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
+@click.option("--points", is_flag=True, help="List every point, not only the chosen ones.")
 @click.pass_context
-def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None) -> None:
-    """Print the Pareto table of the last sweep, or of SWEEP_ID."""
+def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
+           points: bool) -> None:
+    """Per method and ensemble, the point chosen on ID validation (last sweep, or SWEEP_ID)."""
     from orchestrator.records import TrackingError, default_tracking_uri
-    from orchestrator.report import ReportError, format_table, load_sweep
+    from orchestrator.report import ReportError, format_points, format_summary, load_sweep
     uri = tracking_uri or default_tracking_uri()
     try:
         found = load_sweep(uri, sweep_id)
     except (TrackingError, ReportError) as err:
         _fail(err, ctx.obj["verbose"])
     click.echo(f"sweep {found.sweep_id} ({found.status}), experiment {found.experiment}")
-    click.echo(format_table(found.rows, found.selected))
+    click.echo(format_points(found.rows, found.selected) if points else format_summary(found.rows))
 
 
 if __name__ == "__main__":  # pragma: no cover

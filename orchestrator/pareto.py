@@ -1,11 +1,15 @@
-"""The Pareto front over every (trial, mixing coefficient) point, the selection on
-ID validation, and the plot.
+"""The Pareto front over every point of a sweep, the choice on ID validation, and the
+plots.
 
-Both axes are maximised: ID accuracy (ID test) and OOD accuracy (mean over shifts).
-A point is on the front when no other point is at least as good on both and better
-on one. Selection never looks at a test set: the chosen point maximises ID
-*validation* accuracy, ties broken by lower validation NLL, then the smaller
-coefficient (closer to the zero-shot model, which is the robust end).
+A row is one point: a trained trial alone (ensemble "none"), or one coefficient point of
+an ensemble of it with the zero-shot model. Rows group by (method, ensemble); each group
+is one curve in the plots and one line of the report.
+
+Both axes are maximised: ID accuracy (ID test) and OOD accuracy (mean over shifts). A
+point is on the front when no other point is at least as good on both and better on one.
+The choice never looks at a test set: within a group it maximises ID *validation*
+accuracy, ties broken by lower validation NLL, then by grid order (the first point of a
+WiSE-FT or OSE grid is the one nearest the zero-shot model, the robust end).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; the driver may have no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+NONE = "none"   # the trained model alone
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -28,56 +34,176 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-def select_on_validation(rows: Sequence[dict], coefficient: str = "alpha") -> int:
-    """Index of the row with the best ID validation accuracy (see module docstring)."""
-    if not rows:
+def group_of(row: dict) -> tuple[str, str]:
+    return row["method"], row["ensemble"]
+
+
+def group_label(group: tuple[str, str]) -> str:
+    method, ensemble = group
+    return method if ensemble == NONE else f"{method} + {ensemble}"
+
+
+def coefficients_text(row: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in row["coefficients"].items()) or "-"
+
+
+def groups(rows: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
+    """Row indices per (method, ensemble), in first-seen order."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        out.setdefault(group_of(row), []).append(i)
+    return out
+
+
+def select_on_validation(rows: Sequence[dict], indices: Sequence[int] | None = None) -> int:
+    """Index of the row (among `indices`) chosen on ID validation (module docstring)."""
+    indices = list(range(len(rows)) if indices is None else indices)
+    if not indices:
         raise ValueError("no points to select from")
-    return min(range(len(rows)), key=lambda i: (-rows[i]["val_acc"], rows[i]["val_nll"],
-                                                rows[i][coefficient]))
+    return min(indices, key=lambda i: (-rows[i]["val_acc"], rows[i]["val_nll"], i))
 
 
 def pareto_table(rows: list[dict]) -> list[dict]:
-    """The rows with `on_front` added (rows need id_acc and ood_acc)."""
+    """The rows with `on_front` (over all points) and `chosen` (the choice of its
+    group) added. Rows need id_acc, ood_acc, val_acc and val_nll."""
     flags = pareto_front([(r["id_acc"], r["ood_acc"]) for r in rows])
-    return [{**row, "on_front": flag} for row, flag in zip(rows, flags)]
+    chosen = set(chosen_per_group(rows).values())
+    return [{**row, "on_front": flag, "chosen": i in chosen}
+            for i, (row, flag) in enumerate(zip(rows, flags))]
 
 
-def plot_pareto(rows: Sequence[dict], title: str, coefficient: str = "alpha",
-                selected: int | None = None):
-    """ID vs OOD accuracy: one curve per trial over the coefficient, endpoints labelled
-    (zero-shot at alpha 0, fine-tuned at alpha 1), the front outlined. Returns the Figure."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
-    trials: dict[str, list[dict]] = {}
-    for row in rows:
-        trials.setdefault(row["trial"], []).append(row)
-    for name, curve in trials.items():
-        curve = sorted(curve, key=lambda r: r[coefficient])
-        xs = [100 * r["id_acc"] for r in curve]
-        ys = [100 * r["ood_acc"] for r in curve]
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, label=name)
-        if len(curve) > 1:  # the straight line between the endpoints: what mixing beats
-            ax.plot([xs[0], xs[-1]], [ys[0], ys[-1]], linestyle=":", color=line.get_color(),
-                    linewidth=0.9)
-        for end, text in ((curve[0], "zero-shot"), (curve[-1], "fine-tuned")):
-            if len(curve) == 1 and text == "fine-tuned":
-                continue
-            ax.annotate(f"{text} ({coefficient}={end[coefficient]:g})",
-                        (100 * end["id_acc"], 100 * end["ood_acc"]), textcoords="offset points",
-                        xytext=(6, -10 if text == "fine-tuned" else 6), fontsize=7,
-                        color=line.get_color())
+def chosen_per_group(rows: Sequence[dict]) -> dict[tuple[str, str], int]:
+    return {group: select_on_validation(rows, indices) for group, indices in groups(rows).items()}
+
+
+_LINESTYLES = {NONE: "", "wise_ft": "-", "ose": "--", "vrf": ":"}
+_MARKERS = {NONE: "*", "wise_ft": "o", "ose": "s", "vrf": "^"}
+
+
+def _style(rows: Sequence[dict]):
+    """A colour per method, a line style and marker per ensemble."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    colours = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    return colours
+
+
+def _curve(points: list[dict]) -> list[dict]:
+    """The points of one trial's ensemble as a curve: in grid order along a single
+    coefficient; for several coefficients (VRF's a, b) the front of those points."""
+    if len({len(p["coefficients"]) for p in points}) == 1 and len(points[0]["coefficients"]) == 1:
+        (name,) = points[0]["coefficients"]
+        return sorted(points, key=lambda r: r["coefficients"][name])
+    flags = pareto_front([(r["id_acc"], r["ood_acc"]) for r in points])
+    return sorted((p for p, on in zip(points, flags) if on), key=lambda r: r["id_acc"])
+
+
+def plot_pareto(rows: Sequence[dict], title: str):
+    """ID vs OOD accuracy. Per trial and ensemble its curve over the coefficients (colour =
+    method, line style = ensemble), each trained model alone as a star, the point each
+    (method, ensemble) chose on ID validation circled, the front of all points shaded."""
+    fig, ax = plt.subplots(figsize=(11, 6.5), dpi=120)
+    colours = _style(rows)
+    labelled: set[tuple[str, str]] = set()
+    for (trial, ensemble), indices in _by_trial_and_ensemble(rows).items():
+        pts = [rows[i] for i in indices]
+        group = group_of(pts[0])
+        colour = colours[group[0]]
+        label = group_label(group) if group not in labelled else None
+        labelled.add(group)
+        xs, ys = [100 * r["id_acc"] for r in pts], [100 * r["ood_acc"] for r in pts]
+        if ensemble == NONE:
+            ax.scatter(xs, ys, s=90, marker="*", color=colour, label=label, zorder=4)
+            continue
+        ax.scatter(xs, ys, s=10, marker=_MARKERS.get(ensemble, "D"), color=colour, alpha=0.5,
+                   linewidths=0)
+        curve = _curve(pts)
+        ax.plot([100 * r["id_acc"] for r in curve], [100 * r["ood_acc"] for r in curve],
+                linestyle=_LINESTYLES.get(ensemble, "-."), color=colour, linewidth=1.3,
+                label=label)
+    for group, index in chosen_per_group(rows).items():
+        best = rows[index]
+        ax.scatter([100 * best["id_acc"]], [100 * best["ood_acc"]], s=130, facecolors="none",
+                   edgecolors=colours[group[0]], linewidths=1.6, zorder=5)
     front = sorted((r for r in rows if r.get("on_front")), key=lambda r: r["id_acc"])
     if front:
         ax.plot([100 * r["id_acc"] for r in front], [100 * r["ood_acc"] for r in front],
-                color="black", linewidth=2.5, alpha=0.25, label="Pareto front", zorder=0)
-    if selected is not None:
-        best = rows[selected]
-        ax.scatter([100 * best["id_acc"]], [100 * best["ood_acc"]], s=140, facecolors="none",
-                   edgecolors="red", linewidths=1.6,
-                   label=f"chosen on ID val ({coefficient}={best[coefficient]:g})", zorder=5)
+                color="black", linewidth=6, alpha=0.12, label="Pareto front (all points)",
+                zorder=0)
+    ax.scatter([], [], s=130, facecolors="none", edgecolors="grey",
+               label="chosen on ID validation")
     ax.set_xlabel("ID accuracy (%)")
     ax.set_ylabel("OOD accuracy, mean over shifts (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def _by_trial_and_ensemble(rows: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
+    out: dict[tuple[str, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        out.setdefault((row["trial"], row["ensemble"]), []).append(i)
+    return out
+
+
+def plot_calibration(rows: Sequence[dict], title: str):
+    """OOD accuracy vs OOD ECE per (method, ensemble); chosen points circled."""
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=120)
+    colours = _style(rows)
+    chosen = chosen_per_group(rows)
+    for group, indices in groups(rows).items():
+        method, ensemble = group
+        pts = [rows[i] for i in indices]
+        colour = colours[method]
+        ax.scatter([100 * r["ood_ece"] for r in pts], [100 * r["ood_acc"] for r in pts],
+                   s=12 if ensemble != NONE else 90, marker=_MARKERS.get(ensemble, "D"),
+                   color=colour, alpha=0.6 if ensemble != NONE else 1.0, linewidths=0,
+                   label=group_label(group))
+        best = rows[chosen[group]]
+        ax.scatter([100 * best["ood_ece"]], [100 * best["ood_acc"]], s=110, facecolors="none",
+                   edgecolors=colour, linewidths=1.5, zorder=5)
+    ax.set_xlabel("OOD ECE, mean over shifts (%)  - lower is better")
+    ax.set_ylabel("OOD accuracy, mean over shifts (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(rows: Sequence[dict], method: str, title: str):
+    """Reliability diagrams of `method`'s chosen points, one row per ensemble, ID test and
+    all shifts pooled side by side: accuracy per confidence bin against the diagonal."""
+    chosen = {g: i for g, i in chosen_per_group(rows).items() if g[0] == method}
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(7, 3.2 * len(chosen)), dpi=110,
+                             squeeze=False)
+    for (group, index), row_axes in zip(chosen.items(), axes):
+        row = rows[index]
+        for ax, (part, name, ece) in zip(row_axes, (("id", "ID test", "id_ece"),
+                                                     ("ood", "OOD (shifts pooled)", "ood_ece"))):
+            bins = row["reliability"].get(part)
+            if bins is None:
+                ax.set_axis_off()
+                continue
+            count, sum_conf, sum_correct = bins
+            n_bins = len(count)
+            centres = [(b + 0.5) / n_bins for b in range(n_bins)]
+            acc = [c and a / c for a, c in zip(sum_correct, count)]
+            conf = [c and s / c for s, c in zip(sum_conf, count)]
+            ax.bar(centres, acc, width=1 / n_bins, edgecolor="black", linewidth=0.4,
+                   color="#4c72b0", label="accuracy")
+            ax.bar(centres, [c - a if n else 0 for c, a, n in zip(conf, acc, count)],
+                   bottom=acc, width=1 / n_bins, color="#dd8452", alpha=0.5, label="gap")
+            ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{group_label(group)} ({coefficients_text(row)}): {name}, "
+                         f"ECE {100 * row[ece]:.1f}", fontsize=7.5)
+            ax.set_xlabel("confidence", fontsize=8)
+            ax.set_ylabel("accuracy", fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,7 +1,7 @@
 """MLflow records of a sweep: one parent run, a child run per training trial and per
 (trial, mixing coefficient), and the Pareto table, front and plot on the parent.
 
-Only the driver writes (SQLite is single-writer; ECOSYSTEM.md §3), through
+Only the driver writes (SQLite takes one writer at a time), through
 `MlflowClient` with explicit run ids, so nothing depends on a global active run.
 """
 from __future__ import annotations
@@ -99,16 +99,23 @@ class SweepRecords:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
         return run_id
 
-    def summary(self, table: list[dict], selected: int, figure, metrics: Mapping[str, float],
+    def summary(self, table: list[dict], selected: int, choices: list[dict],
+                figures: Mapping[str, Any], metrics: Mapping[str, float],
                 tags: Mapping[str, str]) -> None:
-        columns = list(table[0])
-        mlflow.log_table({c: [row[c] for row in table] for c in columns}, "pareto.json",
-                         run_id=self.parent_id)
-        # the rows themselves are in pareto.json; this names the front and the choice
-        self.client.log_dict(self.parent_id, {"front": [i for i, r in enumerate(table)
-                                                        if r["on_front"]],
-                                              "selected": selected}, "pareto_front.json")
-        self.client.log_figure(self.parent_id, figure, "pareto.png")
+        """The parent's table (`pareto.json`, one row per point, coefficients as columns),
+        the front and choices (`pareto_front.json`), the figures, summary metrics, tags."""
+        coefficient_names = list(dict.fromkeys(k for r in table for k in r["coefficients"]))
+        columns = [c for c in table[0] if c not in ("coefficients", "reliability")]
+        data = {c: [row[c] for row in table] for c in columns}
+        for name in coefficient_names:
+            data[name] = [row["coefficients"].get(name) for row in table]
+        mlflow.log_table(data, "pareto.json", run_id=self.parent_id)
+        # the rows themselves are in pareto.json; this names the front and the choices
+        self.client.log_dict(self.parent_id, {
+            "front": [i for i, r in enumerate(table) if r["on_front"]],
+            "selected": selected, "chosen": choices}, "pareto_front.json")
+        for path, figure in figures.items():
+            self.client.log_figure(self.parent_id, figure, path)
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id,
                               metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],

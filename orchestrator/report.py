@@ -1,10 +1,17 @@
-"""`orch report`: a sweep's Pareto table, rebuilt from its MLflow child runs."""
+"""`orch report`: a sweep's table, rebuilt from its MLflow child runs.
+
+The default view is one line per (method, ensemble): the point chosen on ID validation,
+with ID and OOD accuracy and ECE before and after temperature scaling. `--points` lists
+every point instead.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
+from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_of,
+                                 select_on_validation)
 from orchestrator.records import KIND_TAG, SWEEP_TAG, TrackingError
 
 
@@ -21,24 +28,61 @@ class FoundSweep:
     selected: int | None
 
 
-COLUMNS = (("id_acc", "ID acc"), ("ood_acc", "OOD acc"), ("id_ece", "ID ECE"),
-           ("ood_ece", "OOD ECE"), ("val_acc", "val acc"))
+SUMMARY_COLUMNS = (("id_acc", "ID acc"), ("ood_acc", "OOD acc"), ("id_ece", "ID ECE"),
+                   ("ood_ece", "OOD ECE"), ("id_ece_ts", "ID ECE TS"),
+                   ("ood_ece_ts", "OOD ECE TS"), ("val_acc", "val acc"))
+POINT_COLUMNS = (("id_acc", "ID acc"), ("ood_acc", "OOD acc"), ("id_ece", "ID ECE"),
+                 ("ood_ece", "OOD ECE"), ("val_acc", "val acc"))
 
 
-def format_table(rows: list[dict], selected: int | None) -> str:
-    """Fixed-width table, percentages with one decimal; `*` on the front, `<- chosen`
-    on the point selected by ID validation accuracy."""
-    width = max([len("trial")] + [len(r["trial"]) for r in rows])
-    header = f"{'trial':<{width}}  {'alpha':>5}  " + "  ".join(f"{t:>7}" for _, t in COLUMNS) \
-        + "  front"
+def _cells(row: dict, columns) -> str:
+    return "  ".join(f"{100 * row[k]:{len(t)}.1f}" if k in row else f"{'-':>{len(t)}}"
+                     for k, t in columns)
+
+
+def format_summary(rows: list[dict]) -> str:
+    """One line per (method, ensemble): its point chosen on ID validation accuracy.
+    Percentages; ECE TS = ECE after temperature scaling fitted on ID validation."""
+    chosen = chosen_per_group(rows)
+    heads = ("method", "ensemble", "chosen point")
+    texts = [(m, "-" if e == NONE else e,
+              f"{rows[i]['trial']}" + ("" if e == NONE else f" {coefficients_text(rows[i])}"))
+             for (m, e), i in chosen.items()]
+    widths = [max(len(h), *(len(t[j]) for t in texts)) for j, h in enumerate(heads)]
+    header = "  ".join(f"{h:<{w}}" for h, w in zip(heads, widths)) + "  " + \
+        "  ".join(t for _, t in SUMMARY_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for text, index in zip(texts, chosen.values()):
+        lines.append("  ".join(f"{t:<{w}}" for t, w in zip(text, widths)) + "  "
+                     + _cells(rows[index], SUMMARY_COLUMNS))
+    return "\n".join(lines)
+
+
+def format_points(rows: list[dict], selected: int | None = None) -> str:
+    """Every point: `*` on the Pareto front, `<- chosen` where its (method, ensemble)
+    group chose it on ID validation."""
+    chosen = set(chosen_per_group(rows).values())
+    names = [r["trial"] for r in rows]
+    ens = [("-" if r["ensemble"] == NONE else r["ensemble"]) for r in rows]
+    coef = [coefficients_text(r) for r in rows]
+    w = [max(len("trial"), *map(len, names)), max(len("ensemble"), *map(len, ens)),
+         max(len("coefficients"), *map(len, coef))]
+    header = (f"{'trial':<{w[0]}}  {'ensemble':<{w[1]}}  {'coefficients':<{w[2]}}  "
+              + "  ".join(t for _, t in POINT_COLUMNS) + "  front")
     lines = [header, "-" * len(header)]
     for i, row in enumerate(rows):
-        cells = "  ".join(f"{100 * row[k]:7.1f}" if k in row else f"{'-':>7}" for k, _ in COLUMNS)
         mark = "  *    " if row.get("on_front") else "       "
-        chosen = " <- chosen on ID val" if i == selected else ""
-        lines.append(f"{row['trial']:<{width}}  {row['alpha']:5.2f}  {cells}{mark}{chosen}"
-                     .rstrip())
+        note = " <- chosen on ID val" if i in chosen else ""
+        note += " (best overall)" if i == selected else ""
+        lines.append((f"{names[i]:<{w[0]}}  {ens[i]:<{w[1]}}  {coef[i]:<{w[2]}}  "
+                      + _cells(row, POINT_COLUMNS) + mark + note).rstrip())
     return "\n".join(lines)
+
+
+def _coefficients(text: str) -> dict[str, float]:
+    if not text or text == "-":
+        return {}
+    return {k: float(v) for k, v in (part.split("=") for part in text.split(", "))}
 
 
 def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
@@ -63,15 +107,26 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
     found_id = parent.data.tags[SWEEP_TAG]
     children = client.search_runs(
         [parent.info.experiment_id],
-        f"tags.`{SWEEP_TAG}` = '{found_id}' and tags.`{KIND_TAG}` = 'eval'", max_results=10_000)
+        f"tags.`{SWEEP_TAG}` = '{found_id}' and tags.`{KIND_TAG}` = 'eval'", max_results=50_000)
     rows = []
     for run in children:
-        rows.append({"trial": run.data.params.get("trial", run.info.run_name),
-                     "alpha": float(run.data.params.get("alpha", "nan")),
+        params = run.data.params
+        rows.append({"trial": params.get("trial", run.info.run_name),
+                     "method": params.get("method", "?"),
+                     "ensemble": params.get("ensemble", NONE),
+                     "coefficients": _coefficients(params.get("coefficients", "-")),
                      "on_front": run.data.metrics.get("on_front", 0.0) > 0.5,
                      "run_id": run.info.run_id, **run.data.metrics})
-    rows.sort(key=lambda r: (r["trial"], r["alpha"]))
+    order = {}  # trials and groups in the order their first run was created
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        order.setdefault(run.data.params.get("trial"), len(order))
+    rows.sort(key=lambda r: (order.get(r["trial"], 0), r["ensemble"] != NONE, r["ensemble"],
+                             sorted(r["coefficients"].items())))
     chosen = parent.data.tags.get("orch.selected_run")
     selected = next((i for i, r in enumerate(rows) if r["run_id"] == chosen), None)
     return FoundSweep(found_id, names[parent.info.experiment_id], parent.info.status, rows,
                       selected)
+
+
+__all__ = ["FoundSweep", "ReportError", "format_points", "format_summary", "group_of",
+           "load_sweep", "select_on_validation"]

@@ -16,7 +16,10 @@ from typing import Any
 import yaml
 
 from orchestrator.schema import SpecError, coerce, field_types, parse_dataclass
-from trainers.methods import REGISTRY, get_method
+from trainers.ensembles import REGISTRY as ENSEMBLES
+from trainers.ensembles import get_ensemble
+from trainers.methods import REGISTRY as METHODS
+from trainers.methods import get_method
 
 SOURCES = ("toyworld", "imagefolder", "csv")
 FOLDER_NAMES = ("classnames", "index")
@@ -109,15 +112,85 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class TrialPoint:
-    """One training trial: the method's options at one grid point, and its seed."""
+class FeaturesSpec:
+    """The Ray Data feature cache: image features and logits encoded once per (model,
+    preprocessing, dataset) and stored as Parquet (LP, OSE, VRF and temperature fitting
+    read them instead of re-running the image tower)."""
 
-    index: int
-    name: str
-    method: str
-    options: Any            # the method's options dataclass
+    batch_size: int = 256
+    actors: int | None = None       # actor-pool size; default: as many as the cluster fits
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    cache_dir: str | None = None    # default: <orch cache>/features (shared storage on a cluster)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One training trial: a method entry's options at one grid point, and its seed."""
+
+    index: int               # position in the whole sweep
+    name: str                # unique in the sweep, e.g. "ft-01_lr=0.0001_seed=0"
+    label: str               # the method entry it belongs to
+    method: str              # the registered method
+    options: Any             # the method's options dataclass
     seed: int
     hparams: dict[str, Any]  # the grid values that define this point (for MLflow params)
+
+    @property
+    def trained(self) -> bool:
+        return get_method(self.method).trained
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method of the sweep with its options and grid. `label` names it in tables and
+    plots (default: the method's name); two entries of one method need two labels."""
+
+    label: str
+    method: str
+    options: Any
+    grid: dict[str, list[Any]]
+
+    def points(self) -> list[tuple[dict[str, Any], Any, int]]:
+        """(grid values, options, seed) per grid point, in file order (last key fastest)."""
+        keys = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            hparams = dict(zip(keys, values))
+            overrides = {k: v for k, v in hparams.items() if k != "seed"}
+            out.append((hparams, dataclasses.replace(self.options, **overrides),
+                        hparams.get("seed", 0)))
+        return out
+
+
+@dataclass(frozen=True)
+class EnsembleEntry:
+    """An ensemble of the sweep: its options (coefficient grids included) and the method
+    labels it applies to (None: every method that trains something)."""
+
+    name: str
+    options: Any
+    methods: tuple[str, ...] | None = None
+
+    @property
+    def ensemble(self):
+        return get_ensemble(self.name)
+
+    def points(self) -> list[dict[str, float]]:
+        return self.ensemble.points(self.options)
+
+    def applies_to(self, point: TrialPoint) -> bool:
+        return point.trained and (self.methods is None or point.label in self.methods)
 
 
 @dataclass(frozen=True)
@@ -125,41 +198,48 @@ class SweepSpec:
     name: str
     benchmark: BenchmarkSpec
     model: ModelSpec
-    method: str
-    method_options: Any
-    grid: dict[str, list[Any]]
-    ensemble: str
-    ensemble_options: Any
+    methods: tuple[MethodEntry, ...]
+    ensembles: tuple[EnsembleEntry, ...]
     resources: ResourcesSpec
     eval: EvalSpec
+    features: FeaturesSpec
     storage_path: Path
     experiment: str
     source_file: Path | None = None
 
     def trials(self) -> list[TrialPoint]:
-        """The grid expanded in file order (last key fastest)."""
-        keys = list(self.grid)
-        points = []
-        for index, values in enumerate(itertools.product(*(self.grid[k] for k in keys))):
-            hparams = dict(zip(keys, values))
-            seed = hparams.get("seed", 0)
-            overrides = {k: v for k, v in hparams.items() if k != "seed"}
-            options = dataclasses.replace(self.method_options, **overrides)
-            label = "_".join(f"{k}={v}" for k, v in hparams.items())
-            name = f"{self.method}-{index:02d}" + (f"_{label}" if label else "")
-            points.append(TrialPoint(index, name, self.method, options, seed, hparams))
+        """Every method's grid expanded, methods in file order."""
+        points: list[TrialPoint] = []
+        for entry in self.methods:
+            for i, (hparams, options, seed) in enumerate(entry.points()):
+                label = "_".join(f"{k}={v}" for k, v in hparams.items())
+                name = f"{entry.label}-{i:02d}" + (f"_{label}" if label else "")
+                points.append(TrialPoint(len(points), name, entry.label, entry.method, options,
+                                         seed, hparams))
         return points
 
-    @property
-    def alphas(self) -> tuple[float, ...]:
-        # A zero-shot "trial" has nothing to interpolate with: evaluate it once.
-        if self.method == "zeroshot":
-            return (0.0,)
-        return tuple(self.ensemble_options.alphas)
+    def trial_for(self, config: dict[str, Any]) -> TrialPoint:
+        """The trial a Tune config stands for: {"label": ..., "seed": ..., <option>: value}."""
+        hparams = {k: v for k, v in config.items() if k != "label"}
+        for point in self.trials():
+            if point.label == config["label"] and point.hparams == hparams:
+                return point
+        raise KeyError(f"no trial of {config['label']!r} with {hparams}")
+
+    def method_entry(self, label: str) -> MethodEntry:
+        return next(e for e in self.methods if e.label == label)
+
+    def ensembles_for(self, point: TrialPoint) -> list[EnsembleEntry]:
+        return [e for e in self.ensembles if e.applies_to(point)]
+
+    def num_points(self) -> int:
+        """Rows of the final table: each trial alone, plus every ensemble point."""
+        return sum(1 + sum(len(e.points()) for e in self.ensembles_for(p))
+                   for p in self.trials())
 
 
-TOP_KEYS = ("name", "experiment", "benchmark", "model", "method", "grid", "ensemble",
-            "resources", "eval", "storage_path")
+TOP_KEYS = ("name", "experiment", "benchmark", "model", "method", "grid", "methods", "ensemble",
+            "ensembles", "resources", "eval", "features", "storage_path")
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
@@ -195,21 +275,20 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
 
     benchmark = parse_dataclass(BenchmarkSpec, raw.get("benchmark"), "benchmark")
     model = parse_dataclass(ModelSpec, raw.get("model"), "model")
-    method, method_options = _parse_method(raw.get("method"), "method", post_hoc=False)
-    grid = _parse_grid(raw.get("grid"), method, method_options)
-    ensemble, ensemble_options = _parse_method(raw.get("ensemble") or {"name": "wise_ft"},
-                                               "ensemble", post_hoc=True)
+    methods = _parse_methods(raw)
+    ensembles = _parse_ensembles(raw, methods)
     resources = parse_dataclass(ResourcesSpec, raw.get("resources"), "resources")
     eval_spec = parse_dataclass(EvalSpec, raw.get("eval"), "eval")
+    features = parse_dataclass(FeaturesSpec, raw.get("features"), "features")
     model = _absolute_paths(model, ("pretrained", "config"))
     benchmark = _absolute_paths(benchmark, ("root", "train", "val", "test"))
     benchmark = dataclasses.replace(benchmark, shifts={
         k: _absolute_paths(v, ("path",)) for k, v in benchmark.shifts.items()})
+    features = _absolute_paths(features, ("cache_dir",))
     storage = coerce(raw.get("storage_path", "runs"), str, "storage_path")
     experiment = coerce(raw.get("experiment", name), str, "experiment")
-    return SweepSpec(name=name, benchmark=benchmark, model=model, method=method,
-                     method_options=method_options, grid=grid, ensemble=ensemble,
-                     ensemble_options=ensemble_options, resources=resources, eval=eval_spec,
+    return SweepSpec(name=name, benchmark=benchmark, model=model, methods=methods,
+                     ensembles=ensembles, resources=resources, eval=eval_spec, features=features,
                      storage_path=Path(storage).expanduser().resolve(), experiment=experiment,
                      source_file=source_file)
 
@@ -226,45 +305,120 @@ def _absolute_paths(obj: Any, names: tuple[str, ...]) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-def _parse_method(data: Any, path: str, post_hoc: bool) -> tuple[str, Any]:
+def _parse_methods(raw: dict) -> tuple[MethodEntry, ...]:
+    """`methods:` (a list of entries, each with its own `grid:`), or v0's single
+    `method:` with a top-level `grid:`."""
+    if "methods" in raw:
+        for key in ("method", "grid"):
+            if key in raw:
+                raise SpecError(key, "use either `methods:` (a list, each with its own grid) "
+                                     "or `method:` and `grid:`, not both")
+        items = raw["methods"]
+        if not isinstance(items, list) or not items:
+            raise SpecError("methods", "expected a non-empty list of methods")
+        entries = [_parse_method_entry(item, f"methods[{i}]") for i, item in enumerate(items)]
+    else:
+        data = raw.get("method")
+        if isinstance(data, dict) and "grid" in raw:
+            data = {**data, "grid": raw["grid"]}
+        entries = [_parse_method_entry(data, "method", grid_path="grid")]
+    labels = [e.label for e in entries]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            raise SpecError(f"methods[{i}].label", f"two entries are called {label!r}: give "
+                                                   "each a distinct `label:`")
+    return tuple(entries)
+
+
+def _parse_method_entry(data: Any, path: str, grid_path: str | None = None) -> MethodEntry:
     if not isinstance(data, dict):
         raise SpecError(path, "expected a mapping with at least 'name'")
     if "name" not in data:
         raise SpecError(f"{path}.name", "required key is missing")
     name = coerce(data["name"], str, f"{path}.name")
-    kinds = sorted(n for n, m in REGISTRY.items() if m.post_hoc == post_hoc)
-    if name not in kinds:
-        raise SpecError(f"{path}.name", f"unknown {'ensemble' if post_hoc else 'method'} "
-                                        f"{name!r} (known: {', '.join(kinds)})")
+    if name not in METHODS:
+        raise SpecError(f"{path}.name", f"unknown method {name!r} (known: "
+                                        f"{', '.join(sorted(METHODS))})")
+    label = coerce(data.get("label", name), str, f"{path}.label")
+    if not label or not all(c.isalnum() or c in "-_" for c in label):
+        raise SpecError(f"{path}.label", f"use letters, digits, '-' or '_', got {label!r}")
     options_cls = get_method(name).options
-    options = parse_dataclass(options_cls, {k: v for k, v in data.items() if k != "name"}, path)
-    return name, options
+    fields = {k: v for k, v in data.items() if k not in ("name", "label", "grid")}
+    options = parse_dataclass(options_cls, fields, path)
+    grid = _parse_grid(data.get("grid"), name, options, grid_path or f"{path}.grid")
+    return MethodEntry(label, name, options, grid)
 
 
-def _parse_grid(data: Any, method: str, options: Any) -> dict[str, list[Any]]:
+def _parse_grid(data: Any, method: str, options: Any, path: str) -> dict[str, list[Any]]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SpecError("grid", "expected a mapping of option -> list of values")
+        raise SpecError(path, "expected a mapping of option -> list of values")
     types_ = field_types(type(options))
     grid: dict[str, list[Any]] = {}
     for key, values in data.items():
-        path = f"grid.{key}"
+        where = f"{path}.{key}"
         if key != "seed" and key not in types_:
-            raise SpecError(path, f"not an option of method {method!r} (options: "
-                                  f"{', '.join(types_) or 'none'}; or 'seed')")
+            raise SpecError(where, f"not an option of method {method!r} (options: "
+                                   f"{', '.join(types_) or 'none'}; or 'seed')")
         if not isinstance(values, list) or not values:
-            raise SpecError(path, "expected a non-empty list of values")
+            raise SpecError(where, "expected a non-empty list of values")
         tp = int if key == "seed" else types_[key]
-        grid[key] = [coerce(v, tp, f"{path}[{i}]") for i, v in enumerate(values)]
-        for i, value in enumerate(grid[key]):  # each value must make valid options
+        grid[key] = [coerce(v, tp, f"{where}[{i}]") for i, v in enumerate(values)]
+        for i, value in enumerate(grid[key]):
+            if value in grid[key][:i]:
+                raise SpecError(f"{where}[{i}]", f"duplicate value {value!r}")
             if key == "seed":
                 continue
-            try:
+            try:  # each value must make valid options
                 dataclasses.replace(options, **{key: value})
             except ValueError as err:
-                raise SpecError(f"{path}[{i}]", str(err)) from None
+                raise SpecError(f"{where}[{i}]", str(err)) from None
     return grid
+
+
+def _parse_ensembles(raw: dict, methods: tuple[MethodEntry, ...]) -> tuple[EnsembleEntry, ...]:
+    """`ensembles:` (a list), or v0's single `ensemble:`; default: WiSE-FT."""
+    if "ensembles" in raw:
+        if "ensemble" in raw:
+            raise SpecError("ensemble", "use either `ensembles:` (a list) or `ensemble:`")
+        items = raw["ensembles"]
+        if not isinstance(items, list):
+            raise SpecError("ensembles", "expected a list of ensembles (may be empty)")
+        paths = [f"ensembles[{i}]" for i in range(len(items))]
+    else:
+        items, paths = [raw.get("ensemble") or {"name": "wise_ft"}], ["ensemble"]
+    entries = [_parse_ensemble_entry(item, path, methods) for item, path in zip(items, paths)]
+    names = [e.name for e in entries]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise SpecError(f"{paths[i]}.name", f"ensemble {name!r} is listed twice")
+    return tuple(entries)
+
+
+def _parse_ensemble_entry(data: Any, path: str, methods: tuple[MethodEntry, ...]) -> EnsembleEntry:
+    if not isinstance(data, dict):
+        raise SpecError(path, "expected a mapping with at least 'name'")
+    if "name" not in data:
+        raise SpecError(f"{path}.name", "required key is missing")
+    name = coerce(data["name"], str, f"{path}.name")
+    if name not in ENSEMBLES:
+        raise SpecError(f"{path}.name", f"unknown ensemble {name!r} (known: "
+                                        f"{', '.join(sorted(ENSEMBLES))})")
+    ensemble = get_ensemble(name)
+    fields = {k: v for k, v in data.items() if k not in ("name", "methods")}
+    if "alphas" in fields and "alpha" in ensemble.coefficients and "alpha" not in fields:
+        fields["alpha"] = fields.pop("alphas")       # v0 spelling
+    options = parse_dataclass(ensemble.options, fields, path)
+    applies = None
+    if "methods" in data:
+        applies = tuple(coerce(data["methods"], list[str], f"{path}.methods"))
+        trained = {e.label for e in methods if get_method(e.method).trained}
+        for i, label in enumerate(applies):
+            if label not in trained:
+                raise SpecError(f"{path}.methods[{i}]", f"{label!r} is not a method of this "
+                                f"sweep that trains (those are: {', '.join(sorted(trained))})")
+    return EnsembleEntry(name, options, applies)
 
 
 def check_spec_paths(spec: SweepSpec) -> None:

@@ -44,3 +44,72 @@ def toy_clip():
     from trainers.models import TOY_ARCH, load_clip
     from trainers.toyworld.pretrain import toy_clip_checkpoint
     return load_clip(TOY_ARCH, str(toy_clip_checkpoint()), augment=False)
+
+
+# A tiny real-weights task, written by the tests: an open_clip ViT from a config file and a
+# checkpoint file, image folders with a class-subset shift and a many-to-one shift.
+TINY_ARCH = "orch-test-e2e-vit"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_CLASSES = ["cat", "dog", "car"]
+_COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "car": (40, 40, 200)}
+
+
+def write_images(folder, classes, per_class, rng):
+    from PIL import Image
+    for name in classes:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(_COLOURS[name]) + rng.normal(0, 30, (32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / name / f"{i}.png")
+
+
+@pytest.fixture(scope="session")
+def image_task(tmp_path_factory):
+    """Folder with task/{train,val,test}/<class>/, sketch/ (2 of 3 classes), objectnet/
+    (animal -> cat, dog; vehicle -> car), the model config and weights."""
+    import json
+
+    import open_clip
+    root = tmp_path_factory.mktemp("image_task")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3), ("test", 3)):
+        write_images(root / "task" / split, TINY_CLASSES, n, rng)
+    write_images(root / "sketch", ["cat", "dog"], 3, rng)            # a 2-class subset
+    write_images(root / "objectnet", ["cat", "car"], 3, rng)
+    (root / "objectnet" / "cat").rename(root / "objectnet" / "animal")  # many-to-one map
+    (root / "objectnet" / "car").rename(root / "objectnet" / "vehicle")
+    config = root / f"{TINY_ARCH}.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(TINY_ARCH).state_dict(), root / "weights.pt")
+    return root
+
+
+def image_task_spec(root, **changes) -> dict:
+    """A sweep file (as a dict) on `image_task`; a change to None drops that key."""
+    spec = {
+        "name": "e2e",
+        "benchmark": {
+            "source": "imagefolder", "root": str(root / "task"), "classnames": TINY_CLASSES,
+            "templates": ["a photo of a {}", "a {}"],
+            "shifts": {"sketch": {"path": str(root / "sketch")},
+                       "objectnet": {"path": str(root / "objectnet"),
+                                     "class_map": {"animal": ["cat", "dog"], "vehicle": ["car"]}}},
+        },
+        "model": {"arch": TINY_ARCH, "config": str(root / f"{TINY_ARCH}.json"),
+                  "pretrained": str(root / "weights.pt")},
+        "method": {"name": "ft", "lr": 1e-3, "epochs": 2, "batch_size": 8, "warmup_steps": 1},
+        "grid": {"lr": [1e-3, 1e-4]},
+        "ensemble": {"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
+        "eval": {"batch_size": 16},
+        "features": {"batch_size": 16, "cache_dir": str(root / "features")},
+        "storage_path": str(root / "runs"),
+    }
+    spec.update(changes)
+    return {k: v for k, v in spec.items() if v is not None}

@@ -49,13 +49,15 @@ def test_good_file_expands_grid_in_order(tmp_path):
     trials = spec.trials()
     assert [(t.options.lr, t.seed) for t in trials] == [(1e-4, 0), (1e-4, 1), (3e-4, 0), (3e-4, 1)]
     assert all(t.options.epochs == 1 and t.options.batch_size == 16 for t in trials)
-    assert spec.alphas == (0.0, 0.5, 1.0)
+    # v0's single `ensemble:` with `alphas:` still reads, as WiSE-FT's `alpha` grid
+    (ensemble,) = spec.ensembles
+    assert ensemble.name == "wise_ft" and ensemble.points() == [{"alpha": a} for a in (0.0, 0.5, 1.0)]
     assert spec.storage_path.is_absolute()
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     path = write(tmp_path, "name: t\nmethod: {name: ft, lr: 3e-4}\n")
-    assert load_spec(path).method_options.lr == pytest.approx(3e-4)
+    assert load_spec(path).methods[0].options.lr == pytest.approx(3e-4)
 
 
 @pytest.mark.parametrize("data, field, words", [
@@ -69,7 +71,9 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     (with_({"grid.lr": [1e-4, "x"]}), "grid.lr[1]", "expected a number"),
     (with_({"grid.lr": [1e-4, -2.0]}), "grid.lr[1]", "lr must be > 0"),
     (with_({"grid.seed": []}), "grid.seed", "non-empty list"),
-    (with_({"ensemble.alphas": [0.0, 1.5]}), "ensemble", "alphas must lie in [0, 1]"),
+    (with_({"ensemble.alphas": [0.0, 1.5]}), "ensemble", "alpha: 1.5 is outside [0, 1]"),
+    (with_({"ensemble.alphas": [0.0, 0.5, 0.5]}), "ensemble", "alpha: duplicate value 0.5"),
+    (with_({"grid.seed": [0, 0]}), "grid.seed[1]", "duplicate value 0"),
     (with_({"ensemble.name": "ft"}), "ensemble.name", "unknown ensemble"),
     (with_({"benchmark.source": "hdf5"}), "benchmark", "source must be one of"),
     (with_({"resources.gpus_per_trial": -1}), "resources", "gpus_per_trial"),
@@ -123,7 +127,8 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, GOOD)), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "4 training trial(s), 3 alpha(s) each -> 12 evaluation trial(s)" in result.output
+    assert "4 trial(s), 4 of them trained; 16 point(s) to evaluate" in result.output
+    assert "ensemble wise_ft (weights): alpha in [0, 0.5, 1]; 3 point(s) per trial" in result.output
     assert "ft-03_lr=0.0003_seed=1" in result.output
     assert not ray.is_initialized()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
@@ -188,3 +193,80 @@ def test_bad_image_folder_tree_fails_before_anything_starts(tmp_path):
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: ") and "benchmark:" in line and "zebra" in line
+
+
+MULTI = {
+    "name": "multi",
+    "benchmark": {"source": "toyworld", "train_size": 64, "eval_size": 32},
+    "model": {"arch": "toy"},
+    "methods": [
+        {"name": "zeroshot"},
+        {"name": "ft", "lr": 3e-4, "grid": {"lr": [3e-4, 1e-4], "seed": [0]}},
+        {"name": "ft", "label": "ft_ls", "label_smoothing": 0.1},
+        {"name": "carot", "ema_every": 6, "grid": {"lambda_sd": [0.0, 1.5]}},
+    ],
+    "ensembles": [
+        {"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
+        {"name": "vrf", "a": [0.5, 1.0], "b": [0.2, 0.6], "methods": ["ft", "carot"]},
+    ],
+}
+
+
+def test_several_methods_and_ensembles_in_one_file(tmp_path):
+    spec = load_spec(write(tmp_path, MULTI))
+    names = [t.name for t in spec.trials()]
+    assert names == ["zeroshot-00", "ft-00_lr=0.0003_seed=0", "ft-01_lr=0.0001_seed=0",
+                     "ft_ls-00", "carot-00_lambda_sd=0.0", "carot-01_lambda_sd=1.5"]
+    ft_ls = spec.trials()[3]
+    assert ft_ls.method == "ft" and ft_ls.options.label_smoothing == 0.1
+    carot = spec.trials()[4]
+    assert carot.options.ema_every == 6 and carot.options.lambda_sd == 0.0
+    vrf = spec.ensembles[1]
+    assert vrf.points() == [{"a": 0.5, "b": 0.2}, {"a": 0.5, "b": 0.6},
+                            {"a": 1.0, "b": 0.2}, {"a": 1.0, "b": 0.6}]
+    # zero-shot alone; ft/carot: alone + 3 WiSE + 4 VRF; ft_ls: alone + 3 WiSE
+    assert spec.num_points() == 1 + 2 * 8 + 4 + 2 * 8
+    assert [e.name for e in spec.ensembles_for(ft_ls)] == ["wise_ft"]
+    assert spec.ensembles_for(spec.trials()[0]) == []
+
+
+def test_a_trial_is_found_again_from_its_tune_config(tmp_path):
+    """Tune's search space holds the named hyper-parameters; each trial rebuilds its
+    options (and its name) from them."""
+    spec = load_spec(write(tmp_path, MULTI))
+    point = spec.trial_for({"label": "ft", "lr": 1e-4, "seed": 0})
+    assert point.name == "ft-01_lr=0.0001_seed=0" and point.options.lr == 1e-4
+    with pytest.raises(KeyError):
+        spec.trial_for({"label": "ft", "lr": 5e-4, "seed": 0})
+
+
+def _multi(**changes):
+    data = {k: (list(v) if isinstance(v, list) else v) for k, v in MULTI.items()}
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("data, field, words", [
+    (_multi(methods=[{"name": "ft"}, {"name": "ft"}]), "methods[1].label", "give each a distinct"),
+    (_multi(method={"name": "ft"}), "method", "either `methods:`"),
+    (_multi(methods=[{"name": "ft", "grid": {"lr": [1.0, -1.0]}}]), "methods[0].grid.lr[1]",
+     "lr must be > 0"),
+    (_multi(methods=[{"name": "carot", "lambda_oc": -0.2}]), "methods[0]", "lambda_oc must be >= 0"),
+    (_multi(methods=[{"name": "ft", "bogus": 1}]), "methods[0].bogus", "unknown key"),
+    (_multi(ensembles=[{"name": "vrf", "methods": ["zeroshot"]}]), "ensembles[0].methods[0]",
+     "not a method of this sweep that trains"),
+    (_multi(ensembles=[{"name": "vrf", "b": [0.0]}]), "ensembles[0]", "b: must be > 0"),
+    (_multi(ensembles=[{"name": "vrf", "variant": "faiss"}]), "ensembles[0]", "variant must be"),
+    (_multi(ensembles=[{"name": "ose"}, {"name": "ose"}]), "ensembles[1].name", "listed twice"),
+    (_multi(ensembles=[{"name": "soup"}]), "ensembles[0].name", "unknown ensemble"),
+])
+def test_bad_multi_method_files_name_the_field(tmp_path, data, field, words):
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert f"{field}:" in line and words in line, line
+
+
+def test_no_ensembles_at_all_is_allowed(tmp_path):
+    spec = load_spec(write(tmp_path, _multi(ensembles=[])))
+    assert spec.ensembles == () and spec.num_points() == len(spec.trials())

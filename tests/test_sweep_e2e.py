@@ -4,78 +4,28 @@ many-to-one shift, real Ray Tune and real MLflow (SQLite). Then the failure mode
 a corrupt image, an unreachable tracking server."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
+from conftest import TINY_CLASSES as CLASSES
+from conftest import image_task_spec, write_images
 from orchestrator.cli import main
 
 pytestmark = pytest.mark.timeout(400)
 
-ARCH = "orch-test-e2e-vit"
-CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-CLASSES = ["cat", "dog", "car"]
-COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "car": (40, 40, 200)}
-
-
-def write_images(folder, classes, per_class, rng):
-    for name in classes:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 30, (32, 32, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / name / f"{i}.png")
-
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 3), ("test", 3)):
-        write_images(root / "task" / split, CLASSES, n, rng)
-    write_images(root / "sketch", ["cat", "dog"], 3, rng)            # a 2-class subset
-    write_images(root / "objectnet", ["cat", "car"], 3, rng)
-    (root / "objectnet" / "cat").rename(root / "objectnet" / "animal")  # many-to-one map
-    (root / "objectnet" / "car").rename(root / "objectnet" / "vehicle")
-    config = root / f"{ARCH}.json"
-    config.write_text(json.dumps(CONFIG))
-    import open_clip
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model(ARCH).state_dict(), root / "weights.pt")
-    return root
+def workspace(image_task):
+    return image_task
 
 
 def sweep_file(root, **changes):
-    spec = {
-        "name": "e2e",
-        "benchmark": {
-            "source": "imagefolder", "root": str(root / "task"), "classnames": CLASSES,
-            "templates": ["a photo of a {}", "a {}"],
-            "shifts": {"sketch": {"path": str(root / "sketch")},
-                       "objectnet": {"path": str(root / "objectnet"),
-                                     "class_map": {"animal": ["cat", "dog"], "vehicle": ["car"]}}},
-        },
-        "model": {"arch": ARCH, "config": str(root / f"{ARCH}.json"),
-                  "pretrained": str(root / "weights.pt")},
-        "method": {"name": "ft", "lr": 1e-3, "epochs": 2, "batch_size": 8, "warmup_steps": 1},
-        "grid": {"lr": [1e-3, 1e-4]},
-        "ensemble": {"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
-        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
-        "eval": {"batch_size": 16},
-        "storage_path": str(root / "runs"),
-    }
-    spec.update(changes)
+    spec = image_task_spec(root, **changes)
     path = root / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -97,7 +47,7 @@ def runs_by_kind(client, kind):
 def test_sweep_succeeds_and_prints_table_and_mlflow_command(finished_sweep):
     result, uri = finished_sweep
     assert result.exit_code == 0, result.output
-    assert "<- chosen on ID val" in result.output
+    assert "method  ensemble  chosen point" in result.output
     assert f"ui --backend-store-uri {uri}" in result.output
     assert "runs?workflowType=machine_learning" in result.output
 
@@ -108,13 +58,15 @@ def test_mlflow_has_parent_and_children(finished_sweep):
     (parent,) = runs_by_kind(client, "sweep")
     assert parent.info.status == "FINISHED"
     evals, trains = runs_by_kind(client, "eval"), runs_by_kind(client, "train")
-    assert len(evals) == 2 * 3 and len(trains) == 2
+    assert len(evals) == 2 * (1 + 3) and len(trains) == 2    # each trial alone + 3 alphas
     for run in evals + trains:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["method"] == "ft" and "lr" in run.data.params
     for run in evals:
         m = run.data.metrics
-        assert float(run.data.params["alpha"]) in (0.0, 0.5, 1.0)
+        assert run.data.params["ensemble"] in ("none", "wise_ft")
+        if run.data.params["ensemble"] == "wise_ft":
+            assert float(run.data.params["alpha"]) in (0.0, 0.5, 1.0)
         for key in ("id_acc", "ood_acc", "id_ece", "ood_ece", "id_nll", "id_ece_ts",
                     "sketch_acc", "sketch_ece", "objectnet_nll", "val_acc"):
             assert key in m and np.isfinite(m[key]), key
@@ -122,25 +74,41 @@ def test_mlflow_has_parent_and_children(finished_sweep):
     history = client.get_metric_history(trains[0].info.run_id, "train_loss")
     assert [h.step for h in sorted(history, key=lambda h: h.step)] == [0, 1]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto.png", "pareto.json", "pareto_front.json", "sweep.yaml"} <= artifacts
+    assert {"pareto.png", "calibration.png", "reliability", "pareto.json", "pareto_front.json",
+            "sweep.yaml"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "reliability")] == [
+        "reliability/ft.png"]
     assert parent.data.tags["orch.selected_run"] in {r.info.run_id for r in evals}
-    assert "selected_alpha" in parent.data.metrics
+    assert "selected_val_acc" in parent.data.metrics
+    # one chosen point per (method, ensemble): ft alone and ft + wise_ft
+    assert sum(r.data.metrics["chosen"] for r in evals) == 2
 
 
 def test_alpha_zero_is_the_same_zero_shot_model_for_every_trial(finished_sweep):
     _, uri = finished_sweep
     evals = runs_by_kind(MlflowClient(uri), "eval")
-    zero = [r.data.metrics for r in evals if float(r.data.params["alpha"]) == 0.0]
-    one = [r.data.metrics for r in evals if float(r.data.params["alpha"]) == 1.0]
+    wise = [r for r in evals if r.data.params["ensemble"] == "wise_ft"]
+    zero = [r.data.metrics for r in wise if float(r.data.params["alpha"]) == 0.0]
+    one = {r.data.params["trial"]: r.data.metrics for r in wise
+           if float(r.data.params["alpha"]) == 1.0}
+    alone = {r.data.params["trial"]: r.data.metrics for r in evals
+             if r.data.params["ensemble"] == "none"}
     assert len(zero) == 2 and zero[0]["id_nll"] == zero[1]["id_nll"]
-    assert one[0]["id_nll"] != one[1]["id_nll"]          # two learning rates, two models
+    assert len(set(m["id_nll"] for m in one.values())) == 2   # two learning rates, two models
+    for trial, metrics in one.items():                        # alpha 1 is the model alone
+        assert metrics["id_nll"] == alone[trial]["id_nll"]
 
 
 def test_report_prints_the_last_sweep(finished_sweep):
     _, uri = finished_sweep
     result = CliRunner().invoke(main, ["report"], env={"MLFLOW_TRACKING_URI": uri})
     assert result.exit_code == 0, result.output
-    assert result.output.count("ft-0") == 6 and "<- chosen on ID val" in result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[:3] == ["method", "ensemble", "chosen"]
+    assert [line.split()[:2] for line in lines[3:]] == [["ft", "-"], ["ft", "wise_ft"]]
+    assert "OOD ECE TS" in lines[1]
+    points = CliRunner().invoke(main, ["report", "--points"], env={"MLFLOW_TRACKING_URI": uri})
+    assert points.output.count("ft-0") == 8 and "<- chosen on ID val" in points.output
 
 
 def test_corrupt_image_fails_the_sweep_with_one_line(workspace, ray_local, tmp_path):
@@ -186,6 +154,7 @@ def test_shrunken_toy_sweep_records_every_point(ray_local, toy_clip, tmp_path):
     spec["method"].update(epochs=1, warmup_steps=1)
     spec["grid"] = {"seed": [0, 1]}
     spec["ensemble"]["alphas"] = [0.0, 0.5, 1.0]
+    spec["features"] = {"cache_dir": str(tmp_path / "features")}
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -195,7 +164,7 @@ def test_shrunken_toy_sweep_records_every_point(ray_local, toy_clip, tmp_path):
     experiment = client.get_experiment_by_name("toy-small")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")
     evals = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'eval'")
-    assert len(evals) == 2 * 3 and parent.info.status == "FINISHED"
+    assert len(evals) == 2 * (1 + 3) and parent.info.status == "FINISHED"
     for run in evals:
         m = run.data.metrics
         shifts = [m[f"{s}_acc"] for s in world.SHIFT_SPLITS]
@@ -254,12 +223,49 @@ def test_ray_address_points_the_sweep_at_an_existing_cluster(workspace, tmp_path
     command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)]
     local = subprocess.run(command, capture_output=True, text=True, env=base, timeout=300)
     assert local.returncode == 1
-    assert "cpus_per_trial=3 but the Ray cluster has 2 CPUs" in local.stdout + local.stderr
+    assert "resources.cpus_per_trial=3 but the Ray cluster has 2 CPUs" in local.stdout + local.stderr
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
     try:
         remote = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                 env={**base, "RAY_ADDRESS": cluster.address})
         assert remote.returncode == 0, remote.stdout + remote.stderr
-        assert "<- chosen on ID val" in remote.stdout
+        assert "method  ensemble  chosen point" in remote.stdout
     finally:
         cluster.shutdown()
+
+
+def test_every_method_and_ensemble_in_one_sweep(workspace, ray_local, tmp_path):
+    """LP, FT, FLYP and CaRot with WiSE-FT, OSE and VRF on one sweep: one child run per
+    point, with the ensemble and its coefficients as params; a line per (method,
+    ensemble) in the report; VRF's own numbers recorded."""
+    tiny = {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3}
+    path = sweep_file(
+        workspace, name="e2e-all", storage_path=str(tmp_path / "runs"), method=None, grid=None,
+        ensemble=None, methods=[{"name": "zeroshot"}, {"name": "lp", **tiny},
+                                {"name": "ft", **tiny}, {"name": "flyp", **tiny},
+                                {"name": "carot", **tiny, "ema_every": 2}],
+        ensembles=[{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
+                   {"name": "ose", "alpha": [0.0, 0.5, 1.0]},
+                   {"name": "vrf", "a": [0.5, 1.5], "b": [0.6]}])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["sweep", str(path)], env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("e2e-all")
+    evals = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'eval'")
+    trains = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'train'")
+    assert len(trains) == 4                                  # zero-shot trains nothing
+    assert len(evals) == 1 + 4 * (1 + 3 + 3 + 2)
+    vrf = [r for r in evals if r.data.params["ensemble"] == "vrf"]
+    assert {(r.data.params["a"], r.data.params["b"]) for r in vrf} == {("0.5", "0.6"), ("1.5", "0.6")}
+    for run in vrf:
+        m = run.data.metrics
+        assert np.isfinite(m["ood_acc"]) and np.isfinite(m["ood_ece_ts"])
+        assert m["vrf_zsf_size"] >= 0 and "vrf_median_distance_id_test" in m
+    summary = [line.split()[:2] for line in result.output.splitlines()
+               if line.split()[:1] in (["zeroshot"], ["lp"], ["ft"], ["flyp"], ["carot"])]
+    assert summary == [["zeroshot", "-"]] + [[m, e] for m in ("lp", "ft", "flyp", "carot")
+                                             for e in ("-", "wise_ft", "ose", "vrf")]
+    parent = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")[0]
+    reliability = {a.path for a in client.list_artifacts(parent.info.run_id, "reliability")}
+    assert reliability == {f"reliability/{m}.png" for m in ("zeroshot", "lp", "ft", "flyp", "carot")}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from trainers.evaluate import evaluate, summarize
-from trainers.methods import FitContext, get_method
+from trainers.methods import FitContext, StartPoint, get_method
 from trainers.methods.ft import FTOptions
-from trainers.methods.wise_ft import wise_ft
+from trainers.ensembles.wise_ft import wise_ft
 from trainers.models import native_size_transform, zero_shot_classifier
 from trainers.toyworld import world
 from trainers.toyworld.benchmark import toy_benchmark
@@ -28,9 +28,10 @@ def curve(toy_clip):
     fast = native_size_transform(toy_clip, 32, 32)     # what `orch sweep` uses for the toy world
     bench = toy_benchmark(fast, fast, eval_size=1500)
     zero_shot = zero_shot_classifier(toy_clip, bench.classnames, bench.templates)
+    start = StartPoint(toy_clip, zero_shot, bench.classnames, bench.templates)
     options = FTOptions(lr=3e-4, epochs=5, batch_size=128, warmup_steps=31)   # sweeps/wise_alpha.yaml
-    fine_tuned = get_method("ft").fit(zero_shot_classifier(toy_clip, bench.classnames, bench.templates),
-                                      options, FitContext(bench.train, CPU, 0, Hooks(progress=False)))
+    fine_tuned = get_method("ft").fit(start, options, FitContext(bench.train, CPU, 0,
+                                                                 Hooks(progress=False))).classifier
     rows = {}
     for alpha in ALPHAS:
         per_set = evaluate(wise_ft(zero_shot, fine_tuned, alpha), bench.eval_sets(), CPU, 500)

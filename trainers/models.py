@@ -6,7 +6,7 @@ that orch pre-trains itself; real models are any open_clip architecture with a
 pretrained tag (downloads where a user has internet) or a local checkpoint file.
 
 The classifier is `head(normalize(image_encoder(x)))` with the head initialised from
-the zero-shot head (weights `s * W_zs`, bias 0; METHODS.md, "Shared pieces").
+the zero-shot head (weights `s * W_zs`, bias 0; docs/methods.md, "Shared pieces").
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A :class:`Benchmark` is an ID task (train / validation / test splits over one li
 classes, plus prompt templates for the zero-shot head) and a set of OOD shifts. Each
 :class:`EvalSet` lives in ITS OWN class space (``0..K-1``) and knows how that space maps onto
 the ID classes (``class_groups``), so a model's ID logits are turned into the set's logits by
-:meth:`EvalSet.project` BEFORE any softmax (METHODS.md, "Class subsets"):
+:meth:`EvalSet.project` BEFORE any softmax (docs/methods.md, "Evaluation protocol"):
 
 - ID val / test: identity groups, ``project`` returns the logits unchanged;
 - a subset shift (ImageNet-A/-R: 200 of 1000 classes): singleton groups, the set's columns;
@@ -109,6 +109,10 @@ class ArrayNormalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self) -> str:  # stable across processes: part of feature-cache keys
+        return (f"ArrayNormalize(mean={[round(float(m), 6) for m in self.mean.flatten()]}, "
+                f"std={[round(float(s), 6) for s in self.std.flatten()]})")
 
     def __call__(self, image: np.ndarray) -> Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
