@@ -13,7 +13,7 @@ from trainers.cache import cache_dir
 from trainers.data import ArrayImageDataset, Benchmark, EvalSet, identity_groups, subset_groups
 from trainers.toyworld import world
 
-# The prompt templates of the prototype (TOYWORLD.md section 3): one per caption style.
+# The prompt templates, one per caption style (docs/toyworld.md, 'Zero-shot head').
 TEMPLATES = ("a photo of a {}", "a picture of a {}", "a {}", "a sketch of a {}",
              "a cartoon of a {}", "a drawing of a {}")
 

@@ -2,8 +2,9 @@
 
 This is what makes the embedded default a *zero-shot* model: a tiny open_clip
 `CLIP` (config `orch-toy-rn`: ModifiedResNet image tower, open_clip tokenizer) trained
-with open_clip's `ClipLoss` on image–caption pairs over all styles (TOYWORLD.md,
-section 3; captions with confused class pairs, section W2.2.1).
+with open_clip's `ClipLoss` on image–caption pairs over all styles (docs/toyworld.md,
+'The toy CLIP' and 'Pre-training recipe'; captions with confused class pairs:
+'Pre-training captions').
 
 The checkpoint is cached under the user cache dir, keyed by a hash of the model
 config, the recipe and the world, and built at most once (file lock).  To use both
@@ -48,8 +49,9 @@ PRETRAIN_VERSION = 1  # bump when the training code changes what a recipe produc
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """TOYWORLD.md section 3: AdamW lr 1e-3, wd 0.1, betas (0.9, 0.98), batch 128,
-    8 epochs, 200 warmup steps then cosine, learnable logit scale, no augmentation."""
+    """docs/toyworld.md, 'Pre-training recipe': AdamW lr 1e-3, wd 0.1, betas (0.9, 0.98),
+    batch 128, 8 epochs, 200 warmup steps then cosine, learnable logit scale, no
+    augmentation."""
 
     epochs: int = 8
     batch_size: int = 128

@@ -11,7 +11,7 @@ its centre at ``(x=j, y=i)``; the canvas centre is ``(32, 32)``. Shapes are defi
 coordinates, squashed by ``(sx, sy)``, rotated by ``rot`` radians, scaled by the radius ``r``
 (canvas px) and moved to ``(cx, cy)``.
 
-Numbers follow TOYWORLD.md (section 2, "Styles", and W2.2.2 for ``sketch2``).
+The styles are described in docs/toyworld.md, 'Styles'.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ PALETTE = np.array(
     dtype=np.float32,
 )  # fmt: skip  # (10, 3)
 
-# "sketch" is Part 1's two-stroke sketch with hatching (used for PRETRAINING sketches);
-# "sketch2" is W2's faint broken single stroke (the eval sketch set).
+# "sketch" is the two-stroke sketch with hatching (used for PRETRAINING sketches);
+# "sketch2" is the faint broken single stroke (the eval sketch set).
 STYLES = ("photo", "sketch", "sketch2", "cartoon")
 
 # Pixel-centre coordinate grids of the canvas, (64, 64) each.
@@ -145,9 +145,8 @@ def _cross(w: float = 0.33) -> np.ndarray:
 def _heart(n: int = 64) -> np.ndarray:
     """Classic parametric heart, point down, centred and normalised by its max |coordinate|.
 
-    TOYWORLD.md says "shifted +2.5 in y". With y = -(13cos t - ...) in y-down coordinates the
-    curve spans y in [-11.7, 17], so the +2.5 must apply to the y-up expression inside the
-    minus sign; in y-down coordinates that is y - 2.5, which centres the heart. We centre it.
+    With y = -(13cos t - ...) in y-down coordinates the curve spans y in [-11.7, 17]; shifting
+    it by -2.5 in y centres the heart (a +2.5 shift of the usual y-up form).
     """
     t = 2 * math.pi * np.arange(n) / n
     x = 16 * np.sin(t) ** 3
@@ -159,7 +158,7 @@ def _heart(n: int = 64) -> np.ndarray:
 # Per shape: list of (polygon (k, 2), fill) drawn in order; fill 0 cuts a hole.
 _SHAPE_POLYGONS: tuple[tuple[tuple[np.ndarray, int], ...], ...] = (
     ((_regular(48), 1),),  # circle
-    ((_regular(4), 1),),  # square (first vertex at the top, as specified)
+    ((_regular(4), 1),),  # square (first vertex at the top: drawn as a diamond)
     ((_regular(3), 1),),  # triangle
     ((_regular(5), 1),),  # pentagon
     ((_regular(6), 1),),  # hexagon
@@ -295,8 +294,8 @@ def _render_photo(spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
     img = _composite(img, mask * spec.opacity, obj)
 
     if spec.occluded:
-        # The doc's "bar" has no stated length; we use a band across the whole canvas
-        # (its half-width U(0.25, 0.45) r is what decides how much of the object it hides).
+        # The occluder "bar" is a band across the whole canvas (its half-width
+        # U(0.25, 0.45) r is what decides how much of the object it hides).
         hw = rng.uniform(0.25, 0.45) * spec.r
         b = rng.uniform(0, math.pi)
         px, py = spec.cx + rng.normal(0, 0.3 * spec.r), spec.cy + rng.normal(0, 0.3 * spec.r)
@@ -317,7 +316,7 @@ def _edge(mask: np.ndarray) -> np.ndarray:
 
 
 def _render_sketch(spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
-    """Part 1 sketch (pretraining): two jittered outline strokes, optional diagonal hatching."""
+    """Two-stroke sketch (pretraining): two jittered outline strokes, optional diagonal hatching."""
     img = rng.uniform(225, 255) + rng.normal(0, 4, (CANVAS, CANVAS)).astype(np.float32)
     inks = (rng.uniform(10, 90), rng.uniform(90, 160))
     if rng.random() < 0.5:
@@ -334,11 +333,11 @@ def _render_sketch(spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
 
 
 def _render_sketch2(spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
-    """W2 sketch (eval): one faint stroke, broken where a smooth random field is low."""
+    """Broken-stroke sketch (eval): one faint stroke, broken where a smooth random field is low."""
     img = rng.uniform(215, 255) + rng.normal(0, 6, (CANVAS, CANVAS)).astype(np.float32)
     edge = _edge(_spec_mask(spec, _stroke_jitter(rng, 1.0, 0.06, 0.06)))
     field = _smooth_noise(rng, 12, 1.0)
-    edge = edge * (field > rng.uniform(-1.0, -0.4))  # drops ~15-35 % of the outline
+    edge = edge * (field > rng.uniform(-1.0, -0.4))  # drops ~11-31 % of the outline (~20 % on average)
     edge = edge * rng.uniform(0.6, 1.0)
     return _composite(img, edge, rng.uniform(40, 130))
 

@@ -1,10 +1,10 @@
 """The toy world's data sets: splits, nuisance samplers, captions, seeds, caching, parallelism.
 
-This is TOYWORLD.md's recommended world "W2": 10 shapes x 10 colours, 32x32 RGB images,
-an ID task whose colour is correlated with the class (the shortcut), five OOD sets that
-keep, break or reverse that shortcut, and a 48,000-pair captioned pretraining set in which
-three pairs of similar shapes are sometimes named by the partner's word (the "confusion"
-that zero-shot learns and fine-tuning can fix).
+This is the world described in docs/toyworld.md (the prototype's "W2"): 10 shapes x 10
+colours, 32x32 RGB images, an ID task whose colour is correlated with the class (the
+shortcut), five OOD sets that keep, break or reverse that shortcut, and a 48,000-pair
+captioned pretraining set in which three pairs of similar shapes are sometimes named by the
+partner's word (the "confusion" that zero-shot learns and fine-tuning can fix).
 
 Determinism. A split is generated in chunks of :data:`CHUNK` images. Chunk ``c`` of a
 split with seed ``s`` draws its image specs (class, colour, nuisances, caption words) from
@@ -74,12 +74,13 @@ EVAL_SPLITS: tuple[str, ...] = (
 SHIFT_SPLITS: tuple[str, ...] = ("v2", "sketch", "cartoon", "hard", "objectnet")
 PRETRAIN = "pretrain"  # the name of the pretraining set in cache paths and split_size
 
-# Pairs whose shape word is swapped in pretraining captions with probability q (W2.2.1).
+# Pairs whose shape word is swapped in pretraining captions with probability q
+# (docs/toyworld.md, 'Pre-training captions').
 CONFUSED_PAIRS: tuple[tuple[str, str], ...] = (("pentagon", "hexagon"), ("circle", "ring"), ("square", "cross"))
 _SWAP_SEED = 12345  # the swap pass has its own generator, as in the prototype
 
 # ---------------------------------------------------------------------------------------
-# Captions: words and phrase lists (TOYWORLD.md section 2, "Captions")
+# Captions: words and phrase lists (docs/toyworld.md, 'Pre-training captions')
 # ---------------------------------------------------------------------------------------
 
 _PREFIXES: dict[str, tuple[str, ...]] = {
@@ -109,7 +110,7 @@ CAPTION_WORDS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Knobs of the world. Defaults are W2 (TOYWORLD.md, Part 2)."""
+    """Knobs of the world. The defaults are the world of docs/toyworld.md."""
 
     id_colour_corr: float = 0.85  # P(colour == class's own colour) in id_train/val/test
     v2_colour_corr: float = 0.5  # same for the V2-like set
@@ -156,8 +157,8 @@ class _SplitDef:
 
 _OBJECTNET_IDS = tuple(CLASSNAMES.index(c) for c in OBJECTNET_CLASSES)
 
-# Seeds as in TOYWORLD.md: ID 101-103, OOD 104-108 (sketch2 uses 110, not the old 105),
-# id_rand 199, pretraining 0.
+# Seeds (docs/toyworld.md, 'Splits, sizes and seeds'): ID 101-103, OOD 104-108 (sketch2
+# uses 110; 105 belonged to an older sketch set), id_rand 199, pretraining 0.
 _SPLITS: dict[str, _SplitDef] = {
     "id_train": _SplitDef(101, "photo", "id", "id_corr"),
     "id_val": _SplitDef(102, "photo", "id", "id_corr"),
@@ -172,7 +173,7 @@ _SPLITS: dict[str, _SplitDef] = {
 _PRETRAIN_SEED = 0
 
 # Pretraining mix (kind, probability): photo kinds use the photo renderer, "sketch" is the
-# Part 1 two-stroke sketch (W2 only replaced the EVAL sketch set).
+# two-stroke sketch (only the EVAL sketch set uses "sketch2"; docs/toyworld.md, 'Styles').
 _PRETRAIN_MIX: tuple[tuple[str, float], ...] = (
     ("photo", 0.40), ("clutter", 0.10), ("hard", 0.08), ("sketch", 0.21), ("cartoon", 0.21),
 )  # fmt: skip
@@ -201,7 +202,7 @@ def split_size(cfg: WorldConfig, split: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Nuisance samplers (TOYWORLD.md section 2 table; canvas px, radians)
+# Nuisance samplers (docs/toyworld.md, 'Nuisance samplers'; canvas px, radians)
 # ---------------------------------------------------------------------------------------
 
 _PI = math.pi
@@ -238,9 +239,9 @@ def _sample_distractors(
 ) -> tuple[Distractor, ...]:
     """1-3 (or 2-4) small shapes of OTHER classes, uniform colour, placed away from the object.
 
-    The doc does not say where distractors may go; we place their centres uniformly on the
-    canvas (keeping them fully visible) and reject positions closer than r + 6 px to the
-    object centre; after 20 failed tries a distractor is dropped.
+    Their centres are uniform on the canvas (keeping them fully visible); positions closer
+    than r + 6 px to the object centre are rejected, and after 20 failed tries a distractor
+    is dropped.
     """
     lo, hi = p["n_distractors"]
     out = []
@@ -326,8 +327,8 @@ def _base_caption(rng: np.random.Generator, kind: str, spec: ImageSpec, colour_p
     if spec.occluded and rng.random() < 0.7:
         words.append(_OCCLUDED_SUFFIX)
     if rng.random() < 0.3:
-        # "on the top left" etc.; only the axes whose offset exceeds 5 px are named (the doc
-        # leaves the one-axis case open: "on the left", "on the bottom").
+        # "on the top left" etc.; only the axes whose offset exceeds 5 px are named (one axis
+        # alone gives "on the left", "on the bottom", ...).
         where = []
         if abs(spec.dy) > _POSITION_MIN:
             where.append("bottom" if spec.dy > 0 else "top")  # y grows downwards
