@@ -11,6 +11,13 @@ EMA teacher or a random-number generator, rides along in the checkpoint).
 Optional task methods: `after_step(step, total_steps)` runs after each optimizer
 step (CaRot's EMA teacher), `extra_state()` / `load_extra_state(state)` save and
 restore what the task keeps besides `task.model`.
+
+Data-parallel: when a torch.distributed process group is up (Ray Train's TorchTrainer
+starts one), every worker walks the same seeded global batches and takes its share of
+each (positions rank, rank + world, ...); gradients are averaged across workers before
+clipping, so N workers take the same steps as one worker on the whole batch. The last
+global batch of an epoch is cut to a multiple of the world size (contrastive losses
+gather equal shards from every worker).
 """
 from __future__ import annotations
 
@@ -20,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainers.progress import Progress
 
@@ -79,6 +87,45 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group this process is in; (0, 1) alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """One epoch's global batches (a permutation seeded by (seed, epoch), cut into
+    `batch_size` pieces), each reduced to this worker's share."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        if world_size > 1:
+            batches = [b[:len(b) - len(b) % world_size] for b in batches]
+            batches = [b for b in batches if b]
+        self.batches = [b[rank::world_size] for b in batches]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Mean of every gradient over the workers, in one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).clone()
+        offset += n
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None  # full precision on CPU: no bf16 units on our machines, and exact tests
@@ -89,9 +136,10 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
           hooks: Hooks | None = None) -> list[dict]:
     """Train `task.model` in place; returns the per-epoch history."""
     hooks = hooks or Hooks()
+    rank, world_size = world()
     params = [p for p in task.trainable_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    steps_per_epoch = len(ShardedBatches(len(dataset), cfg.batch_size, 0, 0, world_size))
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
@@ -117,10 +165,10 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
         for epoch in range(start_epoch, cfg.epochs):
             task.train_mode()
             # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
-            shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                                generator=shuffle, num_workers=hooks.num_workers,
-                                pin_memory=device.type == "cuda", drop_last=False)
+            batches = ShardedBatches(len(dataset), cfg.batch_size, cfg.seed * 100_003 + epoch,
+                                     rank, world_size)
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=hooks.num_workers,
+                                pin_memory=device.type == "cuda")
             loss_sum, seen = 0.0, 0
             for step, (images, labels) in enumerate(loader):
                 images = images.to(device, non_blocking=True)
@@ -134,6 +182,8 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                         f"try a lower learning rate (lr={cfg.lr})")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if world_size > 1:
+                    _average_gradients(params, world_size)
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -145,6 +195,11 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                 loss_sum += loss.item() * len(labels)
                 seen += len(labels)
                 bar.update(1, loss=loss.item())
+            if world_size > 1:  # the epoch's loss over every worker's samples
+                totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64,
+                                      device=params[0].device)  # NCCL reduces GPU tensors only
+                dist.all_reduce(totals)
+                loss_sum, seen = float(totals[0]), int(totals[1])
             metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                        "lr": scheduler.get_last_lr()[0]}
             history.append(metrics)

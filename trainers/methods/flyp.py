@@ -27,7 +27,7 @@ from trainers.methods import (HEAD, IMAGE_TOWER, TEXT_TOWER, FitContext, Fitted,
                               text_tower_state)
 from trainers.methods._common import TrainOptions, optim_config
 from trainers.models import ImageClassifier
-from trainers.train_loop import train
+from trainers.train_loop import train, world
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,15 @@ class FLYPTask:
             freeze_batchnorm_statistics(self.model)
 
     def captions(self, labels: torch.Tensor) -> torch.Tensor:
-        """One random template per sample, filled with its class: tokens (B, L)."""
-        template = torch.randint(self.tokens.shape[1], (labels.shape[0],), generator=self.generator)
+        """One random template per sample, filled with its class: tokens (B, L).
+
+        Drawn for the whole global batch and cut to this worker's share (positions rank,
+        rank + world, ... as the loop shards batches), so N data-parallel workers pair
+        each sample with the template one worker would."""
+        rank, world_size = world()
+        draws = torch.randint(self.tokens.shape[1], (labels.shape[0] * world_size,),
+                              generator=self.generator)
+        template = draws[rank::world_size]
         return self.tokens[labels, template.to(labels.device)]
 
     def encode(self, model: nn.Module, images: torch.Tensor, texts: torch.Tensor):
