@@ -80,11 +80,13 @@ def load_benchmark(b: BenchmarkSpec, clip: LoadedClip) -> Benchmark:
     return _load_files_benchmark(b, clip.train_transform, clip.eval_transform)
 
 
-def check_benchmark(b: BenchmarkSpec) -> None:
+def check_benchmark(b: BenchmarkSpec) -> Benchmark | None:
     """List and check a file-based benchmark on the driver (folders, class names, CSV
-    rows), so a bad tree fails before any trial starts; opens no image."""
+    rows), so a bad tree fails before any trial starts; opens no image. Returns the
+    benchmark (without transforms), or None for the toy world."""
     if b.source != "toyworld":
-        _load_files_benchmark(b, None, None)
+        return _load_files_benchmark(b, None, None)
+    return None
 
 
 def _load_files_benchmark(b: BenchmarkSpec, train_tf, eval_tf) -> Benchmark:
@@ -170,7 +172,8 @@ def load_fitted(assets: Assets, path: str | Path | None, device: torch.device) -
     read with weights_only=True: tensors only, no code runs from a checkpoint."""
     if path is None:
         return Fitted(assets.start.zero_shot)
-    state = torch.load(path, map_location=device, weights_only=True)
+    from orchestrator.storage import local_file
+    state = torch.load(local_file(str(path)), map_location=device, weights_only=True)
     classifier = copy.deepcopy(assets.start.zero_shot)
     classifier.load_state_dict(state["classifier"])
     return Fitted(classifier.eval(), state.get("text_tower"))

@@ -1,8 +1,10 @@
-"""The `orch` command line: `orch sweep FILE [--dry-run]`, `orch report [SWEEP_ID]`.
+"""The `orch` command line: `orch sweep FILE [--dry-run] [--resume [ID]]`,
+`orch report [SWEEP_ID]`, `orch sync SWEEP`.
 
-User errors (a bad sweep file, a missing folder, an unreachable tracking server)
-print one line and exit 2; a sweep that fails while running exits 1. No tracebacks
-unless `-v`.
+User errors (a bad sweep file, a missing folder, an unreachable tracking server, storage
+that cannot be written) print one line and exit 2; a sweep that fails while running
+exits 1 (also when MLflow stopped taking its records: `orch sync` writes them later);
+Ctrl-C stops a sweep cleanly and exits 130. No tracebacks unless `-v`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ class RunError(UserError):
     exit_code = 1
 
 
+class Interrupted(UserError):
+    exit_code = 130
+
+
 def _fail(err: BaseException, verbose: bool, cls=UserError):
     if verbose:
         raise err
@@ -43,50 +49,109 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @main.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Validate the file, print the planned trials, exit.")
+@click.option("--resume", "resume", is_flag=False, flag_value="last", default=None,
+              metavar="[SWEEP_ID]",
+              help="Continue an interrupted sweep of this file (default: its last unfinished one).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="Ray cluster address [env RAY_ADDRESS; default: a `ray start` cluster on this "
                    "machine, else a local Ray].")
 @click.pass_context
-def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, tracking_uri: str | None,
-          address: str | None) -> None:
-    """Fine-tune every grid point of SWEEP_FILE, sweep the mixing coefficient, report."""
+def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, resume: str | None,
+          tracking_uri: str | None, address: str | None) -> None:
+    """Fine-tune every grid point of SWEEP_FILE, sweep the ensembles' coefficients, report."""
     from orchestrator.build import check_benchmark
+    from orchestrator.checks import check_images
     from orchestrator.spec import load_spec
+    from orchestrator.storage import StorageError, check_writable
     from trainers.data import DataError
     verbose = ctx.obj["verbose"]
     try:
         spec = load_spec(sweep_file)
-        check_benchmark(spec.benchmark)
+        check_writable(spec.storage_path)
+        bench = check_benchmark(spec.benchmark)
+        if bench is not None:
+            check_images(bench)
     except SpecError as err:
         raise UserError(f"{sweep_file}: {err}") from None
+    except StorageError as err:
+        raise UserError(f"{sweep_file}: storage_path: {err}") from None
     except DataError as err:
         raise UserError(f"{sweep_file}: benchmark: {err}") from None
+    journal = _journal_to_resume(spec, sweep_file, resume)
     if dry_run:
+        if journal is not None:
+            click.echo(f"would resume sweep {journal.sweep_id} ({journal.status()}, "
+                       f"{len(journal.trials())} trial(s) done)")
         _print_plan(spec, tracking_uri, address)
         return
-    _run(spec, tracking_uri, address, verbose)
+    _run(spec, tracking_uri, address, verbose, journal)
 
 
-def _run(spec, tracking_uri, address, verbose) -> None:
+def _journal_to_resume(spec, sweep_file: str, resume: str | None):
+    """The journal `--resume` names (or the last unfinished sweep of this file); without
+    `--resume`, a note when an unfinished sweep of this file exists."""
+    from orchestrator.journal import FINISHED, find_sweeps, open_journal, unfinished
+    source = str(spec.source_file) if spec.source_file else None
+    text = spec.source_file.read_text() if spec.source_file else None
+    if resume is None:
+        waiting = unfinished(spec.storage_path, spec.name, source, text)
+        if waiting:
+            last = waiting[-1]
+            click.echo(f"note: sweep {last.sweep_id} of this file did not finish "
+                       f"({last.status()}, {len(last.trials())} trial(s) done); "
+                       f"`orch sweep {sweep_file} --resume` continues it; this starts a new sweep.")
+        return None
+    if resume == "last":
+        waiting = unfinished(spec.storage_path, spec.name, source, text)
+        if not waiting:
+            raise UserError(f"{sweep_file}: no unfinished sweep of this file in {spec.storage_path}")
+        return waiting[-1]
+    journal = open_journal(spec.storage_path, resume)
+    meta = journal.meta()
+    if not meta:
+        known = ", ".join(j.sweep_id for j, _ in find_sweeps(spec.storage_path, spec.name)) or "none"
+        raise UserError(f"{sweep_file}: no sweep {resume!r} in {spec.storage_path} "
+                        f"(sweeps of this file: {known})")
+    if journal.status() == FINISHED:
+        raise UserError(f"{sweep_file}: sweep {resume} already finished (`orch report {resume}`)")
+    if meta.get("name") != spec.name:
+        raise UserError(f"{sweep_file}: sweep {resume} ran {meta.get('name')!r}, not {spec.name!r}")
+    return journal
+
+
+def _run(spec, tracking_uri, address, verbose, resume=None) -> None:
     from orchestrator.records import TrackingError, default_tracking_uri
     from orchestrator.report import format_summary
-    from orchestrator.sweep import SweepError, mlflow_ui_hint, run_sweep
+    from orchestrator.storage import StorageError
+    from orchestrator.sweep import SweepError, SweepInterrupted, mlflow_ui_hint, run_sweep
     from trainers.data import DataError
     from trainers.models import ModelError
     if not verbose:  # after mlflow's import, which sets its own level: its INFO lines are noise
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    uri = tracking_uri or default_tracking_uri()
+    uri = tracking_uri or (resume.meta().get("tracking_uri") if resume else None) \
+        or default_tracking_uri()
     try:
-        result = run_sweep(spec, uri, address=address, verbose=verbose, echo=click.echo)
-    except (TrackingError, DataError, ModelError, SpecError) as err:
+        result = run_sweep(spec, uri, address=address, verbose=verbose, echo=click.echo,
+                           resume=resume)
+    except SweepInterrupted as err:
+        _fail(err, verbose, Interrupted)
+    except (TrackingError, DataError, ModelError, SpecError, StorageError) as err:
         _fail(err, verbose)
     except SweepError as err:
         _fail(err, verbose, RunError)
+    except Exception as err:  # a storage or MLflow error surfacing elsewhere: still one line
+        if verbose:
+            raise
+        raise RunError(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                       " (run with -v for the traceback)") from None
     click.echo("")
     click.echo(format_summary(result.rows))
     click.echo("")
+    if result.mlflow_failed:
+        raise RunError(f"MLflow stopped taking this sweep's records ({result.mlflow_failed}); "
+                       f"the results are kept: `orch sync {result.journal}` writes them")
     click.echo(f"MLflow: sweep {result.sweep_id} (parent run {result.parent_run_id}). To look at it:")
     click.echo("  " + mlflow_ui_hint(uri, result.experiment_id).replace("\n", "\n  "))
 
@@ -137,7 +202,30 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
     except (TrackingError, ReportError) as err:
         _fail(err, ctx.obj["verbose"])
     click.echo(f"sweep {found.sweep_id} ({found.status}), experiment {found.experiment}")
+    if found.note:
+        click.echo(found.note)
     click.echo(format_points(found.rows, found.selected) if points else format_summary(found.rows))
+
+
+@main.command()
+@click.argument("sweep")
+@click.option("--storage-path", default="runs", show_default=True,
+              help="Where the sweep ran (its file's storage_path), when SWEEP is an id.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI [default: the one the sweep used].")
+@click.pass_context
+def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | None) -> None:
+    """Write to MLflow whatever SWEEP (an id, or the sweep's folder) recorded and MLflow lacks."""
+    from orchestrator.records import TrackingError
+    from orchestrator.sync import SyncError, sync_sweep
+    verbose = ctx.obj["verbose"]
+    if not verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        summary = sync_sweep(sweep, storage_path, tracking_uri, echo=click.echo)
+    except (SyncError, TrackingError) as err:
+        _fail(err, verbose)
+    click.echo(summary)
 
 
 if __name__ == "__main__":  # pragma: no cover

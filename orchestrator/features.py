@@ -64,8 +64,9 @@ class ModelRef:
 
 
 def file_digest(path: str | Path) -> str:
+    from orchestrator.storage import local_file
     h = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(local_file(str(path)), "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:32]

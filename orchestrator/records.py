@@ -10,13 +10,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 # An unreachable server must fail in seconds with one line, not after minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -53,77 +52,191 @@ def _params(values: Mapping[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 
-class SweepRecords:
-    """Writes one sweep's runs; `open()` checks the store before anything else starts."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str):
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+class SweepRecords:
+    """Writes one sweep's runs.
+
+    `open()` and `start_parent()` are strict: a store that cannot be used stops the sweep
+    before anything runs (TrackingError). After that every write is tolerant: the first
+    failure is reported once (`echo`), later writes are skipped, and `failed` says why;
+    the sweep goes on, its results are in its journal, and `orch sync` writes them later.
+    Writes are idempotent: every child run carries a record key (`orch.record`), and a
+    key MLflow already has is completed, not duplicated.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str,
+                 echo: Callable[[str], None] = print, sync_hint: str = ""):
         self.uri, self.experiment, self.sweep_id = tracking_uri, experiment, sweep_id
-        self.client = MlflowClient(tracking_uri)
+        self.echo, self.sync_hint = echo, sync_hint
+        self.client: MlflowClient | None = None      # made in open(): it may create the store
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
+        self.failed: str | None = None
+        self._existing: dict[str, tuple[str, str]] | None = None   # key -> (run id, status)
 
+    # -- strict: before anything runs ---------------------------------------------------
     def open(self) -> "SweepRecords":
+        db = _sqlite_file(self.uri)
         try:
-            found = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = (found.experiment_id if found else
-                                  self.client.create_experiment(self.experiment))
+            if db is not None:
+                # A new SQLite store is created by its first client (a schema migration):
+                # two sweeps doing that at once race, so the first does it under a lock.
+                from trainers.cache import file_lock
+                db.parent.mkdir(parents=True, exist_ok=True)
+                with file_lock(db.with_name(f".{db.name}.lock")):
+                    self._open_experiment(db)
+            else:
+                self._open_experiment(None)
         except Exception as err:  # MlflowException, connection errors, sqlite errors
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {first}") from None
+            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: "
+                                f"{_first_line(err)}") from None
         return self
 
-    def start_parent(self, params: Mapping[str, Any], spec_text: str | None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=self.sweep_id, tags={
-            SWEEP_TAG: self.sweep_id, KIND_TAG: "sweep", "git_sha": _git_sha()})
-        self.parent_id = run.info.run_id
-        self.client.log_batch(self.parent_id, params=_params(params))
-        if spec_text is not None:
-            self.client.log_text(self.parent_id, spec_text, "sweep.yaml")
+    def _open_experiment(self, db: Path | None) -> None:
+        self.client = MlflowClient(self.uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found:
+            self.experiment_id = found.experiment_id
+            return
+        # Artifacts of a SQLite store live beside it (not in ./mlruns of wherever orch
+        # was started); a tracking server keeps its own artifact root.
+        location = (db.parent / "mlartifacts" / self.experiment).as_uri() if db else None
+        self.experiment_id = self.client.create_experiment(self.experiment,
+                                                           artifact_location=location)
+
+    def start_parent(self, params: Mapping[str, Any], spec_text: str | None,
+                     parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+        """The sweep's parent run: a new one, or (resuming) the existing one, running again."""
+        try:
+            if parent_id and self._exists(parent_id):
+                self.client.update_run(parent_id, status="RUNNING")
+                for key, value in (tags or {}).items():
+                    self.client.set_tag(parent_id, key, value)
+                self.parent_id = parent_id
+                return parent_id
+            # new, or resumed against a store that lost it (a new head, a new database):
+            # a new parent run, and the children are recorded under it again
+            run = self.client.create_run(self.experiment_id, run_name=self.sweep_id, tags={
+                SWEEP_TAG: self.sweep_id, KIND_TAG: "sweep", "git_sha": _git_sha(),
+                **(tags or {})})
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=_params(params))
+            if spec_text is not None:
+                self.client.log_text(self.parent_id, spec_text, "sweep.yaml")
+        except Exception as err:
+            raise TrackingError(f"cannot write to MLflow tracking store {self.uri}: "
+                                f"{_first_line(err)}") from None
         return self.parent_id
 
-    def child(self, name: str, kind: str, params: Mapping[str, Any],
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
+
+    # -- tolerant: while the sweep runs ---------------------------------------------------
+    def _try(self, what: Callable[[], Any]) -> Any:
+        if self.failed is not None:
+            return None
+        try:
+            return what()
+        except Exception as err:
+            self.failed = _first_line(err)
+            self.echo(f"MLflow: cannot write to {self.uri} ({self.failed}); the sweep goes "
+                      f"on and keeps its results{self.sync_hint}")
+            return None
+
+    def existing(self) -> dict[str, tuple[str, str]]:
+        """The sweep's child runs already in MLflow: record key -> (run id, status)."""
+        if self._existing is None:
+            runs = self.client.search_runs(
+                [self.experiment_id], f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'",
+                max_results=50_000)
+            self._existing = {r.data.tags["orch.record"]: (r.info.run_id, r.info.status)
+                              for r in runs if "orch.record" in r.data.tags}
+        return self._existing
+
+    def child(self, key: str, name: str, kind: str, params: Mapping[str, Any],
               metrics: Mapping[str, float] | None = None,
-              history: list[Mapping[str, float]] | None = None, failed: bool = False) -> str:
-        """A finished child run; `history` rows are logged with step = their `epoch`."""
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            PARENT_TAG: self.parent_id, SWEEP_TAG: self.sweep_id, KIND_TAG: kind})
+              history: list[Mapping[str, float]] | None = None, failed: bool = False,
+              tags: Mapping[str, str] | None = None) -> str | None:
+        """A finished child run; `history` rows are logged with step = their `epoch`.
+        Returns its run id (None while MLflow is failing)."""
+        def write() -> str:
+            status = "FAILED" if failed else "FINISHED"
+            found = self.existing().get(key)
+            if found and found[1] == status:
+                return found[0]                    # recorded before (a resumed sweep)
+            if found:
+                # created, then the driver died; or failed, and its retry finished
+                run_id = found[0]
+            else:
+                run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
+                    PARENT_TAG: self.parent_id, SWEEP_TAG: self.sweep_id, KIND_TAG: kind,
+                    "orch.record": key, **(tags or {})}).info.run_id
+                self.existing()[key] = (run_id, "RUNNING")
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+            for row in history or []:
+                step = int(row.get("epoch", 0))
+                batch += [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
+            if not found:
+                self.client.log_batch(run_id, params=_params(params))
+            for start in range(0, len(batch), 900):  # log_batch takes at most 1000 metrics
+                self.client.log_batch(run_id, metrics=batch[start:start + 900])
+            self.client.set_terminated(run_id, status)
+            self.existing()[key] = (run_id, status)
+            return run_id
+        return self._try(write)
+
+    def metrics(self, run_id: str, values: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
-        for row in history or []:
-            step = int(row.get("epoch", 0))
-            batch += [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
-        run_id = run.info.run_id
-        self.client.log_batch(run_id, params=_params(params))
-        for start in range(0, len(batch), 900):  # log_batch takes at most 1000 metrics
-            self.client.log_batch(run_id, metrics=batch[start:start + 900])
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-        return run_id
+        self._try(lambda: self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]))
 
     def summary(self, table: list[dict], selected: int, choices: list[dict],
                 figures: Mapping[str, Any], metrics: Mapping[str, float],
                 tags: Mapping[str, str]) -> None:
         """The parent's table (`pareto.json`, one row per point, coefficients as columns),
-        the front and choices (`pareto_front.json`), the figures, summary metrics, tags."""
+        the front and choices (`pareto_front.json`), the figures, summary metrics, tags.
+        Logged again by a resumed sweep: every artifact is overwritten, none appended."""
         coefficient_names = list(dict.fromkeys(k for r in table for k in r["coefficients"]))
-        columns = [c for c in table[0] if c not in ("coefficients", "reliability")]
-        data = {c: [row[c] for row in table] for c in columns}
-        for name in coefficient_names:
-            data[name] = [row["coefficients"].get(name) for row in table]
-        mlflow.log_table(data, "pareto.json", run_id=self.parent_id)
-        # the rows themselves are in pareto.json; this names the front and the choices
-        self.client.log_dict(self.parent_id, {
-            "front": [i for i, r in enumerate(table) if r["on_front"]],
-            "selected": selected, "chosen": choices}, "pareto_front.json")
-        for path, figure in figures.items():
-            self.client.log_figure(self.parent_id, figure, path)
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.parent_id,
-                              metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        columns = [c for c in table[0] if c not in ("coefficients", "reliability")] \
+            + coefficient_names
+        data = [[row.get(c, row["coefficients"].get(c)) for c in columns] for row in table]
 
-    def finish(self, ok: bool, error: str | None = None) -> None:
+        def write() -> None:
+            self.client.log_dict(self.parent_id, {"columns": columns, "data": data},
+                                 "pareto.json")
+            # the rows themselves are in pareto.json; this names the front and the choices
+            self.client.log_dict(self.parent_id, {
+                "front": [i for i, r in enumerate(table) if r["on_front"]],
+                "selected": selected, "chosen": choices}, "pareto_front.json")
+            for path, figure in figures.items():
+                self.client.log_figure(self.parent_id, figure, path)
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id,
+                                  metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                                  tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._try(write)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """FINISHED, FAILED or KILLED; the parent never stays RUNNING when we can help it."""
         if self.parent_id is None:
             return
-        if error:
-            self.client.set_tag(self.parent_id, "orch.error", error[:5000])
-        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+
+        def write() -> None:
+            if error:
+                self.client.set_tag(self.parent_id, "orch.error", error[:5000])
+            self.client.set_terminated(self.parent_id, status)
+        self._try(write)

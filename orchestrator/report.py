@@ -6,6 +6,7 @@ every point instead.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
@@ -26,6 +27,7 @@ class FoundSweep:
     status: str
     rows: list[dict]
     selected: int | None
+    note: str | None = None
 
 
 SUMMARY_COLUMNS = (("id_acc", "ID acc"), ("ood_acc", "OOD acc"), ("id_ece", "ID ECE"),
@@ -43,6 +45,8 @@ def _cells(row: dict, columns) -> str:
 def format_summary(rows: list[dict]) -> str:
     """One line per (method, ensemble): its point chosen on ID validation accuracy.
     Percentages; ECE TS = ECE after temperature scaling fitted on ID validation."""
+    if not rows:
+        return "(no points recorded yet)"
     chosen = chosen_per_group(rows)
     heads = ("method", "ensemble", "chosen point")
     texts = [(m, "-" if e == NONE else e,
@@ -61,6 +65,8 @@ def format_summary(rows: list[dict]) -> str:
 def format_points(rows: list[dict], selected: int | None = None) -> str:
     """Every point: `*` on the Pareto front, `<- chosen` where its (method, ensemble)
     group chose it on ID validation."""
+    if not rows:
+        return "(no points recorded yet)"
     chosen = set(chosen_per_group(rows).values())
     names = [r["trial"] for r in rows]
     ens = [("-" if r["ensemble"] == NONE else r["ensemble"]) for r in rows]
@@ -105,6 +111,7 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
                           f"no sweeps recorded in {tracking_uri} yet (run `orch sweep` first)")
     parent = parents[0]
     found_id = parent.data.tags[SWEEP_TAG]
+    status, note = _status(client, parent)
     children = client.search_runs(
         [parent.info.experiment_id],
         f"tags.`{SWEEP_TAG}` = '{found_id}' and tags.`{KIND_TAG}` = 'eval'", max_results=50_000)
@@ -124,8 +131,25 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
                              sorted(r["coefficients"].items())))
     chosen = parent.data.tags.get("orch.selected_run")
     selected = next((i for i, r in enumerate(rows) if r["run_id"] == chosen), None)
-    return FoundSweep(found_id, names[parent.info.experiment_id], parent.info.status, rows,
-                      selected)
+    return FoundSweep(found_id, names[parent.info.experiment_id], status, rows, selected, note)
+
+
+def _status(client: MlflowClient, parent) -> tuple[str, str | None]:
+    """The parent's status, and what to do about it. A parent still RUNNING whose process
+    on this machine is gone was killed: it is marked KILLED here (no ghost runs)."""
+    from orchestrator.journal import _alive
+    status, tags = parent.info.status, parent.data.tags
+    resume = (f"`orch sweep FILE --resume {tags.get(SWEEP_TAG)}` continues it")
+    if status == "RUNNING":
+        host, pid = tags.get("orch.host"), int(tags.get("orch.pid", "0") or 0)
+        if host == socket.gethostname() and pid and not _alive(pid):
+            client.set_terminated(parent.info.run_id, "KILLED")
+            return "KILLED", f"its process ({pid}) is gone; {resume}"
+        return status, f"running on {host} (pid {pid})" if host else None
+    if status in ("KILLED", "FAILED"):
+        error = tags.get("orch.error")
+        return status, (f"{error}; " if error and error != "interrupted" else "") + resume
+    return status, None
 
 
 __all__ = ["FoundSweep", "ReportError", "format_points", "format_summary", "group_of",

@@ -1,5 +1,8 @@
 """Sweep files: YAML -> a validated, frozen `SweepSpec`, before anything starts.
 
+Path fields may use environment variables (`storage_path: $ORCH_STORAGE/sweeps`,
+`root: $DATA/imagenet`), so a cluster sets its shared locations in one place.
+
 Every error names the field (`grid.lr[1]: expected a number, got 'fast'`) and
 `orch sweep --dry-run` runs all of these checks, so a bad file never fails mid-sweep.
 Relative paths are resolved against the current working directory, on the driver
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 import yaml
 
 from orchestrator.schema import SpecError, coerce, field_types, parse_dataclass
+from orchestrator.storage import check_uri, is_uri
 from trainers.ensembles import REGISTRY as ENSEMBLES
 from trainers.ensembles import get_ensemble
 from trainers.methods import REGISTRY as METHODS
@@ -39,6 +44,21 @@ class ShiftSpec:
             raise ValueError(f"format must be imagefolder or csv, got {self.format!r}")
         if self.folder_names not in FOLDER_NAMES:
             raise ValueError(f"folder_names must be classnames or index, got {self.folder_names!r}")
+
+
+# Metric names are `<set>_<metric>` plus the summaries `id_*`, `val_*`, `ood_*` and the
+# ensembles' own numbers (`vrf_*`): a shift may not take a name that would overwrite them.
+RESERVED_SET_NAMES = frozenset({"id", "val", "ood", "test", "train", "id_val", "id_test",
+                                "id_train", "id_rand", "selected", "temperature"})
+
+
+def shift_name_problem(name: str) -> str | None:
+    if not name or not (name[0].isalpha() and all(c.isalnum() or c in "_-" for c in name)):
+        return "a shift name starts with a letter and has only letters, digits, '_' or '-'"
+    if name in RESERVED_SET_NAMES or name in ENSEMBLES:
+        return (f"the name {name!r} is taken: metrics are called `<set>_acc` and the summaries "
+                "id_*, val_*, ood_* (give the shift another name)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,10 @@ class BenchmarkSpec:
         if isinstance(self.templates, list) and (
                 not self.templates or not all("{}" in t for t in self.templates)):
             raise ValueError("templates: each template must contain '{}' for the class name")
+        for name in self.shifts:
+            problem = shift_name_problem(name)
+            if problem:
+                raise ValueError(f"shifts.{name}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -203,7 +227,7 @@ class SweepSpec:
     resources: ResourcesSpec
     eval: EvalSpec
     features: FeaturesSpec
-    storage_path: Path
+    storage_path: str          # an absolute local path, or a bucket URI passed to Tune as is
     experiment: str
     source_file: Path | None = None
 
@@ -284,12 +308,24 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
     benchmark = _absolute_paths(benchmark, ("root", "train", "val", "test"))
     benchmark = dataclasses.replace(benchmark, shifts={
         k: _absolute_paths(v, ("path",)) for k, v in benchmark.shifts.items()})
-    features = _absolute_paths(features, ("cache_dir",))
-    storage = coerce(raw.get("storage_path", "runs"), str, "storage_path")
+    if features.cache_dir:
+        features = dataclasses.replace(features, cache_dir=os.path.expandvars(features.cache_dir))
+    if not (features.cache_dir and is_uri(features.cache_dir)):
+        features = _absolute_paths(features, ("cache_dir",))
+    storage = os.path.expandvars(coerce(raw.get("storage_path", "runs"), str, "storage_path"))
+    if is_uri(storage):
+        problem = check_uri(storage)
+        if problem:
+            raise SpecError("storage_path", problem)
+    else:
+        storage = str(Path(storage).expanduser().resolve())
+    if features.cache_dir and is_uri(features.cache_dir):
+        raise SpecError("features.cache_dir", "must be a folder every node can read (a local "
+                                              "path or a shared mount), not a bucket URI")
     experiment = coerce(raw.get("experiment", name), str, "experiment")
     return SweepSpec(name=name, benchmark=benchmark, model=model, methods=methods,
                      ensembles=ensembles, resources=resources, eval=eval_spec, features=features,
-                     storage_path=Path(storage).expanduser().resolve(), experiment=experiment,
+                     storage_path=storage, experiment=experiment,
                      source_file=source_file)
 
 
@@ -299,6 +335,8 @@ def _absolute_paths(obj: Any, names: tuple[str, ...]) -> Any:
     changes = {}
     for name in names:
         value = getattr(obj, name)
+        if value:
+            value = os.path.expandvars(value)   # $DATA/imagenet: one place to set a mount
         if value and (name != "pretrained" or Path(value).expanduser().exists()
                       or "/" in value or value.endswith((".pt", ".bin", ".safetensors"))):
             changes[name] = str(Path(value).expanduser().resolve())

@@ -9,7 +9,11 @@
               interior weight-space point (WiSE-FT alpha);
 6. report   - Pareto table, choice on ID validation per (method, ensemble), plots -> MLflow.
 
-MLflow is checked first and written only by this driver process.
+Nothing finished is lost: each trial and each ensemble job is written to the sweep's
+journal (in its storage folder) when it ends, then to MLflow. A sweep interrupted in any
+way ends FAILED or KILLED, never RUNNING, and `--resume` continues it: finished trials
+and jobs are not run again, unfinished trials continue from their last epoch checkpoint
+(Tune's own restore), and MLflow ends with one child run per trial and per point.
 """
 from __future__ import annotations
 
@@ -18,26 +22,36 @@ import json
 import logging
 import os
 import secrets
+import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from orchestrator.build import TRAIN_EVAL, load_benchmark, load_model, prepare
 from orchestrator.features import FeatureCache, trial_ref, zero_shot_ref
+from orchestrator.journal import FAILED, FINISHED, INTERRUPTED, Journal, job_key
 from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_label,
                                  pareto_table, plot_calibration, plot_pareto, plot_reliability,
                                  select_on_validation)
-from orchestrator.records import SweepRecords, runs_table_url
+from orchestrator.records import SweepRecords, TrackingError, runs_table_url
 from orchestrator.spec import SweepSpec, TrialPoint
+from orchestrator.storage import check_writable, join
 from orchestrator.trials import MODEL_FILE, OUTPUTS_JOB, weight_points
 from trainers.ensembles import OUTPUTS
 from trainers.methods import get_method
 
+TRAIN, ENSEMBLE = "train", "ensemble"
+
 
 class SweepError(RuntimeError):
     """A sweep that could not finish; the message is one line for the user."""
+
+
+class SweepInterrupted(RuntimeError):
+    """Ctrl-C (or SIGTERM): the sweep stopped, its parent run is KILLED, it can resume."""
 
 
 @dataclass
@@ -48,6 +62,8 @@ class SweepResult:
     rows: list[dict]        # one per point, with on_front and chosen
     selected: int           # index into rows: the best ID validation accuracy overall
     tracking_uri: str
+    journal: str                       # the sweep's folder in its storage
+    mlflow_failed: str | None = None   # MLflow stopped taking writes mid-sweep
 
 
 def new_sweep_id(name: str) -> str:
@@ -88,6 +104,8 @@ def _init_ray(address: str | None, verbose: bool) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+        # "Token authentication is enabled for this Ray cluster": as it should be
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         # Ray Data's per-dataset lines, its warning that an actor pool holding every CPU
         # may starve other stages (orch's reads and writes take no CPU) and its stack
         # traces of a failed job (orch reports the cause in one line)
@@ -97,10 +115,27 @@ def _init_ray(address: str | None, verbose: bool) -> None:
     if address:
         ray.init(address=address, log_to_driver=verbose)
     else:
-        # A Ray started here serves this process only: no token to hand around.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray's processes listen on every interface; its token authentication (on by
+        # default since 2.52) is what keeps others out, so orch leaves it on, and makes
+        # the token itself readable by this user only (Ray would write it world-readable).
+        _private_token()
         ray.init(include_dashboard=False, log_to_driver=verbose,
                  logging_level="INFO" if verbose else "WARNING")
+
+
+def _private_token() -> None:
+    """Create Ray's token file (~/.ray/auth_token, Ray's own format: 64 hex digits) with
+    mode 0600 before Ray does, or tighten an existing one."""
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    elif path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -121,50 +156,146 @@ def _check_resources(spec: SweepSpec) -> None:
             raise SweepError(f"{what} but the Ray cluster has {has:g} {unit}")
 
 
-def _progress_callback(total: int, desc: str):
-    """A Tune callback that counts finished trials, with an ETA (Tune's own tables stay
-    quiet unless -v)."""
+def point_key(row: dict) -> str:
+    """The record key of one point: trial, ensemble and coefficients."""
+    return f"point/{row['trial']}/{row['ensemble']}/{coefficients_text(row)}"
+
+
+def point_params(point: TrialPoint, row: dict) -> dict:
+    return {**trial_params(point), "ensemble": row["ensemble"],
+            "coefficients": coefficients_text(row), **row["coefficients"]}
+
+
+def point_name(row: dict) -> str:
+    return row["trial"] + ("" if row["ensemble"] == NONE else
+                           f" {row['ensemble']} {coefficients_text(row)}")
+
+
+def point_metrics(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if isinstance(v, float)}
+
+
+@dataclass
+class Sweep:
+    """The state of the sweep this process is running; Tune callbacks report to it."""
+
+    spec: SweepSpec
+    journal: Journal
+    records: SweepRecords
+    echo: Callable[[str], None]
+    verbose: bool = False
+    progress: dict[str, Any] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False      # Ctrl-C / SIGTERM seen: Tune is stopping the trials
+    in_tune: bool = False
+
+    def on_signal(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM. Inside a Tune experiment: ask Tune to stop every trial
+        (InterruptStopper) so it saves its state; a second one, or one outside Tune,
+        stops at once."""
+        if self.in_tune and not self.interrupted:
+            self.interrupted = True
+            self.echo("stopping: Ray Tune is stopping the running trials (Ctrl-C again to "
+                      "stop at once) ...")
+            return
+        raise KeyboardInterrupt
+
+    @property
+    def sweep_id(self) -> str:
+        return self.journal.sweep_id
+
+    def points(self) -> dict[str, TrialPoint]:
+        return {p.name: p for p in self.spec.trials()}
+
+    # -- called from Tune's callbacks, as each trial ends ---------------------------------
+    def trial_finished(self, stage: str, trial: Any, error: str | None) -> None:
+        if stage == TRAIN:
+            self._train_finished(trial, error)
+        else:
+            self._job_finished(trial, error)
+        bar = self.progress.get(stage)
+        if bar is not None:
+            bar.update(1)
+
+    def trial_restarted(self, stage: str, trial: Any) -> None:
+        self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
+
+    def trial_checkpointed(self, stage: str, trial: Any, path: str) -> None:
+        if stage == TRAIN:
+            self.journal.save_checkpoint(self.spec.trial_for(trial.config["method"]).name, path)
+
+    def _train_finished(self, trial: Any, error: str | None) -> None:
+        point = self.spec.trial_for(trial.config["method"])
+        result = trial.last_result or {}
+        history = json.loads(result.get("history", "[]")) if "history" in result else []
+        # "fitted" is orch's mark of a completed fit (Tune sets "done" on stopped trials too)
+        done = error is None and result.get("fitted") is True and trial.checkpoint is not None
+        if error is None and not done:
+            return          # stopped by Ctrl-C before it finished: not a result
+        record = {"trial": point.name, "status": "ok" if done else "failed", "error": error,
+                  "history": history, "restarts": trial.num_failures,
+                  "model": join(trial.checkpoint.path, MODEL_FILE) if done else None}
+        self.journal.save_trial(point.name, record)
+        self.record_trial(record)
+
+    def record_trial(self, record: dict) -> None:
+        point = self.points()[record["trial"]]
+        self.records.child(f"train/{point.name}", point.name, "train", trial_params(point),
+                           metrics={"restarts": float(record.get("restarts", 0))},
+                           history=record["history"], failed=record["status"] != "ok",
+                           tags={"orch.restarts": str(record.get("restarts", 0))})
+
+    def _job_finished(self, trial: Any, error: str | None) -> None:
+        job = trial.config["job"]
+        result = trial.last_result or {}
+        if error is not None or "rows" not in result:
+            return          # a failed job fails the stage (reported after fit)
+        rows = json.loads(result["rows"])
+        self.journal.save_points(job, rows)
+        self.record_points(rows)
+
+    def record_points(self, rows: list[dict]) -> None:
+        points = self.points()
+        for row in rows:
+            self.records.child(point_key(row), point_name(row), "eval",
+                               point_params(points[row["trial"]], row), metrics=point_metrics(row))
+
+
+def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
+    """One stage's Tune experiment over what is left to do. Each run of a sweep gets its
+    own experiment (`train-<run>`): a resumed sweep hands unfinished trials their last
+    checkpoint itself (Tune's restore would take trials that Ctrl-C stopped as done)."""
     from ray import tune
 
+    from orchestrator.callbacks import InterruptStopper, RecordCallback
     from trainers.progress import Progress
-
-    class TrialProgress(tune.Callback):
-        def __init__(self):
-            self.bar: Progress | None = Progress(total, desc, every_s=0)
-
-        def __getstate__(self):  # Tune pickles callbacks with its state; a terminal is not state
-            return {"bar": None}
-
-        def _tick(self) -> None:
-            if self.bar is None:
-                self.bar = Progress(total, desc, every_s=0)
-            self.bar.update(1)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._tick()
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._tick()
-
-    return TrialProgress()
-
-
-def _tune(trainable, param_space: dict, spec: SweepSpec, name: str, verbose: bool,
-          total: int | None = None, label: str = "trials"):
-    from ray import tune
-    callbacks = [_progress_callback(total, label)] if total and not verbose else []
-    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    spec = sweep.spec
+    if not sweep.verbose:
+        sweep.progress[stage] = Progress(todo, f"[{stage}] trials finished", every_s=0)
+    trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial,
+                                                "gpu": spec.resources.gpus_per_trial})
     tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
-        param_space=param_space,
+        trainable, param_space=param_space,
         # reuse_actors: one worker process runs many trials (imports and caches stay warm)
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(spec.storage_path), verbose=1 if verbose else 0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+            name=f"{stage}-{sweep.journal.meta().get('runs', 1)}",
+            storage_path=sweep.journal.tune_storage, verbose=1 if sweep.verbose else 0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[RecordCallback(sweep.sweep_id, stage)],
+            stop=InterruptStopper(sweep.sweep_id),
+            # A failed trial restarts (on another node if its node is gone) from its last
+            # checkpoint, up to max_failures times.
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures)))
-    return tuner.fit()
+    sweep.in_tune = True
+    try:
+        results = tuner.fit()
+    finally:
+        sweep.in_tune = False
+    if sweep.interrupted:
+        raise SweepInterrupted(f"{stage} stage stopped")
+    return results
 
 
 def _trial_error(result, what: str) -> SweepError:
@@ -174,33 +305,77 @@ def _trial_error(result, what: str) -> SweepError:
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
-              verbose: bool = False, echo: Callable[[str], None] = print) -> SweepResult:
-    sweep_id = new_sweep_id(spec.name)
-    records = SweepRecords(tracking_uri, spec.experiment, sweep_id).open()  # fail fast
+              verbose: bool = False, echo: Callable[[str], None] = print,
+              resume: Journal | None = None) -> SweepResult:
+    """Run a sweep (or continue `resume`); raises SweepInterrupted on Ctrl-C/SIGTERM."""
+    from orchestrator.callbacks import LIVE
+    check_writable(spec.storage_path)
+    journal = resume or Journal(join(spec.storage_path, new_sweep_id(spec.name)))
+    sweep_id = journal.sweep_id
+    meta = journal.meta()
+    records = SweepRecords(tracking_uri, spec.experiment, sweep_id, echo,
+                           sync_hint=f" in {journal.root}; `orch sync {journal.root}` writes "
+                                     "them to MLflow later").open()     # fail fast
     points = spec.trials()
     trained = [p for p in points if p.trained]
-    echo(f"sweep {sweep_id}: {len(trained)} training trial(s) of {len(spec.methods)} "
-         f"method(s), {spec.num_points()} point(s) to evaluate")
+    echo(f"sweep {sweep_id}{' (resumed)' if resume else ''}: {len(trained)} training "
+         f"trial(s) of {len(spec.methods)} method(s), {spec.num_points()} point(s) to evaluate")
     prepare(spec)
-    records.start_parent(spec_params(spec), spec.source_file.read_text()
-                         if spec.source_file else None)
+    spec_text = spec.source_file.read_text() if spec.source_file else ""
+    journal.start(spec.name, str(spec.source_file) if spec.source_file else None, spec_text)
+    # Where the sweep's journal is and which process runs it: `orch report` can then tell
+    # a sweep whose process was killed from one still running.
+    records.start_parent(spec_params(spec), spec_text, meta.get("parent_run_id"), tags={
+        "orch.journal": journal.root, "orch.pid": str(os.getpid()),
+        "orch.host": socket.gethostname()})
+    journal.update(parent_run_id=records.parent_id, experiment_id=records.experiment_id,
+                   tracking_uri=tracking_uri, experiment=spec.experiment)
+    sweep = Sweep(spec, journal, records, echo, verbose)
+    LIVE[sweep_id] = sweep
+    # orch handles Ctrl-C itself (Tune's own handler would swallow the first one and let
+    # the sweep go on to its next stage).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = {sig: signal.signal(sig, sweep.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        _sync_done(sweep)                 # what a previous run finished but MLflow lacks
         _init_ray(address, verbose)
         _check_resources(spec)
         clip = load_model(spec.model)               # transforms and datasets, on the driver
         bench = load_benchmark(spec.benchmark, clip)
         cache = FeatureCache(spec, bench, echo)
         feature_paths = _zero_shot_features(spec, points, cache, bench)
-        checkpoints = _train_stage(spec, sweep_id, trained, records, feature_paths, verbose, echo)
-        feature_paths.update(_fine_tuned_features(spec, trained, checkpoints, cache, bench))
-        rows = _ensemble_stage(spec, sweep_id, points, checkpoints, feature_paths, verbose, echo)
-        table, selected = _report_stage(spec, sweep_id, points, rows, records)
-        records.finish(ok=True)
-        return SweepResult(sweep_id, records.experiment_id, records.parent_id, table, selected,
-                           tracking_uri)
+        models = _train_stage(sweep, trained, feature_paths)
+        feature_paths.update(_fine_tuned_features(spec, trained, models, cache, bench))
+        rows = _ensemble_stage(sweep, points, models, feature_paths)
+        table, selected = _report_stage(sweep, rows)
+        journal.update(status=FINISHED, error=None, mlflow_synced=records.failed is None)
+        records.finish("FINISHED")
+    except (KeyboardInterrupt, SweepInterrupted):
+        journal.update(status=INTERRUPTED)
+        records.finish("KILLED", "interrupted")
+        raise SweepInterrupted(f"sweep {sweep_id} interrupted; continue it with "
+                               f"`orch sweep {spec.source_file or 'FILE'} --resume {sweep_id}`") \
+            from None
     except BaseException as err:
-        records.finish(ok=False, error=str(err).splitlines()[0] if str(err) else repr(err))
+        message = str(err).splitlines()[0] if str(err) else repr(err)
+        journal.update(status=FAILED, error=message)
+        records.finish("FAILED", message)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        LIVE.pop(sweep_id, None)
+    return SweepResult(sweep_id, records.experiment_id, records.parent_id, table, selected,
+                       tracking_uri, journal.root, records.failed)
+
+
+def _sync_done(sweep: Sweep) -> None:
+    """Write to MLflow whatever the journal holds and MLflow lacks (a resumed sweep whose
+    tracking server was down, or whose driver died between the two)."""
+    for record in sweep.journal.trials().values():
+        sweep.record_trial(record)
+    for entry in sweep.journal.points().values():
+        sweep.record_points(entry["rows"])
 
 
 def _needs_train_outputs(spec: SweepSpec, point: TrialPoint) -> bool:
@@ -229,62 +404,80 @@ def _fine_tuned_features(spec: SweepSpec, trained: list[TrialPoint], checkpoints
     return cache.ensure(jobs, f"{len(jobs)} fitted model(s)") if jobs else {}
 
 
-def _train_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint],
-                 records: SweepRecords, feature_paths: dict, verbose: bool, echo) -> dict[str, str]:
-    """One Tune trial per grid point of every method that trains, all in one Tuner; a
-    child run per trial with its loss curve. Returns {trial name: fitted-model file}."""
+def _train_stage(sweep: Sweep, points: list[TrialPoint], feature_paths: dict) -> dict[str, str]:
+    """One Tune trial per grid point of every method that trains, all in one Tuner; each
+    recorded as it ends. Returns {trial name: fitted-model file}."""
     if not points:
         return {}
     from ray import tune
 
     from orchestrator.trials import train_trial
-    echo(f"[train] {len(points)} trial(s) on Ray Tune ...")
-    # The named hyper-parameters themselves are the search space (`method/lr`, `method/seed`),
-    # so a Tune searcher or scheduler sees them; each trial rebuilds its options from them.
-    space = [{"label": e.label, **{k: tune.grid_search(v) for k, v in e.grid.items()}}
-             for e in spec.methods if get_method(e.method).trained]
-    results = _tune(tune.with_parameters(train_trial, spec=spec, feature_paths=feature_paths),
-                    {"method": tune.grid_search(space)}, spec, f"{sweep_id}-train", verbose,
-                    total=len(points), label="[train] trials finished")
-    checkpoints, failures = {}, []
-    for result in results:
-        point = spec.trial_for(result.config["method"])
-        history = json.loads((result.metrics or {}).get("history", "[]"))
-        records.child(point.name, "train", trial_params(point), history=history,
-                      failed=result.error is not None)
-        if result.error is not None:
-            failures.append(_trial_error(result, f"training trial {point.name}"))
+    spec, journal = sweep.spec, sweep.journal
+    done = {n: r for n, r in journal.trials().items() if r["status"] == "ok"}
+    todo = [p for p in points if p.name not in done]
+    if todo:
+        sweep.echo(f"[train] {len(todo)} trial(s) on Ray Tune"
+                   + (f" ({len(done)} finished before)" if done else "") + " ...")
+        # The named hyper-parameters themselves are the search space (`method/lr`,
+        # `method/seed`), so a Tune searcher or scheduler sees them; each trial rebuilds
+        # its options from them. A resumed sweep lists just the unfinished points.
+        if len(todo) == len(points):
+            space = [{"label": e.label, **{k: tune.grid_search(v) for k, v in e.grid.items()}}
+                     for e in spec.methods if get_method(e.method).trained]
         else:
-            checkpoints[point.name] = str(Path(result.checkpoint.path) / MODEL_FILE)
-    if failures:  # every trial is recorded first, then the first failure is reported
-        raise failures[0]
-    return checkpoints
+            space = [{"label": p.label, **p.hparams} for p in todo]
+        resume_from = {n: path for n, path in journal.checkpoints().items()
+                       if n in {p.name for p in todo}}
+        results = _tune(tune.with_parameters(train_trial, spec=spec, feature_paths=feature_paths,
+                                             resume_from=resume_from),
+                        {"method": tune.grid_search(space)}, sweep, TRAIN, len(todo))
+        failures = [_trial_error(r, f"training trial {spec.trial_for(r.config['method']).name}")
+                    for r in results if r.error is not None and r.config]
+        if failures:  # every trial is recorded first, then the first failure is reported
+            raise failures[0]
+        done = {n: r for n, r in journal.trials().items() if r["status"] == "ok"}
+        if any(p.name not in done for p in points):
+            raise SweepInterrupted("training stopped before every trial finished")
+    return {p.name: done[p.name]["model"] for p in points}
 
 
-def _ensemble_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint],
-                    checkpoints: dict[str, str], feature_paths: dict, verbose: bool,
-                    echo) -> list[dict]:
-    """Per trial one job on cached outputs, plus one job per interior weight-space point."""
-    from ray import tune
-
-    from orchestrator.trials import ensemble_trial
+def ensemble_jobs(spec: SweepSpec, points: list[TrialPoint]) -> list[dict]:
+    """Per trial one job on cached outputs, plus one per interior weight-space point."""
     jobs = []
     for point in points:
         jobs.append({"trial": point.name, "ensemble": OUTPUTS_JOB})
         jobs += [{"trial": point.name, "ensemble": name, **coefficients}
                  for name, coefficients in weight_points(spec, point)]
-    echo(f"[ensemble] {spec.num_points()} point(s) in {len(jobs)} job(s) ...")
-    results = _tune(tune.with_parameters(ensemble_trial, spec=spec, checkpoints=checkpoints,
-                                         feature_paths=feature_paths),
-                    {"job": tune.grid_search(jobs)}, spec, f"{sweep_id}-ensemble", verbose,
-                    total=len(jobs), label="[ensemble] jobs finished")
-    rows = []
-    for result in results:
-        job = result.config["job"]
-        if result.error is not None:
-            what = "".join(f", {k}={v:g}" for k, v in job.items() if k not in ("trial", "ensemble"))
-            raise _trial_error(result, f"evaluation of {job['trial']} ({job['ensemble']}{what})")
-        rows += json.loads(result.metrics["rows"])
+    return jobs
+
+
+def _ensemble_stage(sweep: Sweep, points: list[TrialPoint], models: dict[str, str],
+                    feature_paths: dict) -> list[dict]:
+    """Every ensemble job (`ensemble_jobs`), each recorded as it ends."""
+    from ray import tune
+
+    from orchestrator.trials import ensemble_trial
+    spec, journal = sweep.spec, sweep.journal
+    jobs = ensemble_jobs(spec, points)
+    done = journal.points()
+    todo = [job for job in jobs if job_key(job) not in done]
+    if todo:
+        sweep.echo(f"[ensemble] {spec.num_points()} point(s) in {len(jobs)} job(s)"
+                   + (f", {len(jobs) - len(todo)} finished before" if done else "") + " ...")
+        results = _tune(tune.with_parameters(ensemble_trial, spec=spec, checkpoints=models,
+                                             feature_paths=feature_paths),
+                        {"job": tune.grid_search(todo)}, sweep, ENSEMBLE, len(todo))
+        for result in results:
+            if result.error is not None and result.config:
+                job = result.config["job"]
+                what = "".join(f", {k}={v:g}" for k, v in job.items()
+                               if k not in ("trial", "ensemble"))
+                raise _trial_error(result, f"evaluation of {job['trial']} "
+                                           f"({job['ensemble']}{what})")
+        done = journal.points()
+        if any(job_key(job) not in done for job in jobs):
+            raise SweepInterrupted("evaluation stopped before every job finished")
+    rows = [row for job in jobs for row in done[job_key(job)]["rows"]]
     return _sorted_rows(spec, points, rows)
 
 
@@ -300,21 +493,20 @@ def _sorted_rows(spec: SweepSpec, points: list[TrialPoint], rows: list[dict]) ->
         grid_order.get((r["ensemble"], json.dumps(r["coefficients"], sort_keys=True)), 0)))
 
 
-def _report_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint], rows: list[dict],
-                  records: SweepRecords) -> tuple[list[dict], int]:
-    """Pareto front, the choice per (method, ensemble) and overall, a child run per point,
-    the parent's table, plots and summary."""
+def _report_stage(sweep: Sweep, rows: list[dict]) -> tuple[list[dict], int]:
+    """Pareto front, the choice per (method, ensemble) and overall; the flags on each
+    point's run; the parent's table, plots and summary."""
+    import matplotlib.pyplot as plt
+    sweep_id, records = sweep.sweep_id, sweep.records
     table = pareto_table(rows)
     selected = select_on_validation(table)
-    by_name = {p.name: p for p in points}
+    existing = records.existing() if records.failed is None else {}
     for row in table:
-        metrics = {k: v for k, v in row.items() if isinstance(v, float)}
-        params = {**trial_params(by_name[row["trial"]]), "ensemble": row["ensemble"],
-                  "coefficients": coefficients_text(row), **row["coefficients"]}
-        name = row["trial"] + ("" if row["ensemble"] == NONE else
-                               f" {row['ensemble']} {coefficients_text(row)}")
-        row["run_id"] = records.child(name, "eval", params, metrics={
-            **metrics, "on_front": float(row["on_front"]), "chosen": float(row["chosen"])})
+        run_id = existing.get(point_key(row), (None,))[0]
+        row["run_id"] = run_id
+        if run_id:
+            records.metrics(run_id, {"on_front": float(row["on_front"]),
+                                     "chosen": float(row["chosen"])})
     figures = {"pareto.png": plot_pareto(table, f"{sweep_id}: ID vs OOD accuracy"),
                "calibration.png": plot_calibration(table, f"{sweep_id}: OOD accuracy vs OOD ECE")}
     for method in dict.fromkeys(r["method"] for r in table):
@@ -329,11 +521,16 @@ def _report_stage(spec: SweepSpec, sweep_id: str, points: list[TrialPoint], rows
                for g, i in chosen_per_group(table).items()]
     records.summary(table, selected, choices, figures, summary,
                     {"orch.selected_run": best["run_id"], "orch.selected_trial": best["trial"]})
+    for figure in figures.values():
+        plt.close(figure)
     return table, selected
 
 
 def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:
-    """The command that opens the MLflow UI on this store, and the runs-table link."""
+    """How to look at the sweep: for a SQLite store, the command that opens the MLflow UI
+    on it and the runs-table link; for a tracking server, the link on that server."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {runs_table_url(experiment_id, tracking_uri.rstrip('/'))}"
     exe = Path(sys.executable).parent / "mlflow"
     command = "mlflow"
     if exe.exists():  # the project's venv: show it relative to here when it is below here

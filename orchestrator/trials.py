@@ -45,9 +45,11 @@ def _history_row(history: list[dict], phase: str, metrics: dict) -> dict:
                                       if k != "epoch"}}
 
 
-def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, str], str]) -> None:
+def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, str], str],
+                resume_from: dict[str, str] | None = None) -> None:
     """Fit one grid point (config["method"] holds its named hyper-parameters); checkpoint
-    every epoch; end with the fitted model file."""
+    every epoch; end with the fitted model file. A trial Tune restarts continues from its
+    last checkpoint; so does one a resumed sweep starts (`resume_from`: name -> path)."""
     device = _setup(spec)
     point = spec.trial_for(config["method"])
     method = get_method(point.method)
@@ -55,7 +57,9 @@ def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, st
 
     resume_state, history = None, []
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # a restarted trial continues from its last epoch
+    if checkpoint is None and (resume_from or {}).get(point.name):
+        checkpoint = tune.Checkpoint(resume_from[point.name])
+    if checkpoint is not None:  # continue from the last epoch
         with checkpoint.as_directory() as folder:
             if (Path(folder) / STATE_FILE).is_file():
                 resume_state = torch.load(Path(folder) / STATE_FILE, map_location=device,
@@ -84,7 +88,7 @@ def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, st
         save_fitted(fitted, Path(folder) / MODEL_FILE)
         # The whole loss curve rides on the last report, so the driver can log it to
         # MLflow from the final result alone.
-        tune.report({"done": True, "history": json.dumps(history)},
+        tune.report({"fitted": True, "history": json.dumps(history)},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 
 

@@ -3,6 +3,7 @@ nothing started; --dry-run prints the plan."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,7 +53,7 @@ def test_good_file_expands_grid_in_order(tmp_path):
     # v0's single `ensemble:` with `alphas:` still reads, as WiSE-FT's `alpha` grid
     (ensemble,) = spec.ensembles
     assert ensemble.name == "wise_ft" and ensemble.points() == [{"alpha": a} for a in (0.0, 0.5, 1.0)]
-    assert spec.storage_path.is_absolute()
+    assert Path(spec.storage_path).is_absolute()
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
@@ -270,3 +271,53 @@ def test_bad_multi_method_files_name_the_field(tmp_path, data, field, words):
 def test_no_ensembles_at_all_is_allowed(tmp_path):
     spec = load_spec(write(tmp_path, _multi(ensembles=[])))
     assert spec.ensembles == () and spec.num_points() == len(spec.trials())
+
+
+@pytest.mark.parametrize("storage, words", [
+    ("/proc/orch-runs", "storage_path"),            # cannot be created
+    ("ftp://host/runs", "unsupported storage scheme"),
+    ("s3:///runs", "names no bucket"),
+])
+def test_storage_that_cannot_be_used_fails_the_dry_run(tmp_path, storage, words):
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, with_({"storage_path": storage}))),
+                                       "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert words in line and line.startswith("error: ")
+
+
+def test_a_bucket_storage_path_reaches_tune_untouched(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_STORAGE", "s3://my-bucket/orch")
+    spec = load_spec(write(tmp_path, with_({"storage_path": "$ORCH_STORAGE/sweeps"})))
+    assert spec.storage_path == "s3://my-bucket/orch/sweeps"
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, with_(
+        {"storage_path": "s3://my-bucket/orch"}))), "--dry-run"])
+    assert result.exit_code == 0 and "storage: s3://my-bucket/orch" in result.output
+    assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.parametrize("shift", ["ood", "val", "id_test", "vrf", "9lives"])
+def test_shift_names_that_would_overwrite_metrics_are_refused(tmp_path, shift):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    data = with_({"benchmark": {"source": "imagefolder", "root": str(tmp_path / "data"),
+                                "shifts": {shift: {"path": str(tmp_path / "data")}}}})
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
+    assert result.exit_code == 2
+    assert f"shifts.{shift}:" in result.output
+
+
+def test_every_unreadable_image_is_named_before_anything_starts(tmp_path, image_task):
+    """Two corrupt images in a shift set: --dry-run fails, naming both (not only the first)."""
+    import shutil
+
+    from conftest import image_task_spec
+    shutil.copytree(image_task / "sketch", tmp_path / "sketch")
+    bad = sorted((tmp_path / "sketch" / "cat").iterdir())[:2]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:40])          # truncated files
+    data = image_task_spec(image_task)
+    data["benchmark"]["shifts"]["sketch"]["path"] = str(tmp_path / "sketch")
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "2 of" in line and all(str(p) in line for p in bad)

@@ -111,8 +111,10 @@ def test_report_prints_the_last_sweep(finished_sweep):
     assert points.output.count("ft-0") == 8 and "<- chosen on ID val" in points.output
 
 
-def test_corrupt_image_fails_the_sweep_with_one_line(workspace, ray_local, tmp_path):
-    task = workspace / "task_bad"
+def test_corrupt_image_fails_before_anything_starts(workspace, tmp_path):
+    """Every image is checked before Ray or MLflow start: one line naming the file,
+    exit code 2, no run recorded."""
+    task = tmp_path / "task_bad"
     rng = np.random.default_rng(1)
     for split in ("train", "val", "test"):
         write_images(task / split, CLASSES, 2, rng)
@@ -120,16 +122,14 @@ def test_corrupt_image_fails_the_sweep_with_one_line(workspace, ray_local, tmp_p
     bad.write_bytes(b"this is not a png")
     spec = yaml.safe_load(sweep_file(workspace).read_text())
     spec["benchmark"]["root"] = str(task)
-    spec["grid"] = {"seed": [0]}
-    path = sweep_file(workspace, name="e2e-bad", benchmark=spec["benchmark"], grid=spec["grid"])
+    path = sweep_file(workspace, name="e2e-bad", benchmark=spec["benchmark"], grid={"seed": [0]},
+                      storage_path=str(tmp_path / "runs"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = CliRunner().invoke(main, ["sweep", str(path)], env={"MLFLOW_TRACKING_URI": uri})
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     (line,) = [l for l in result.output.splitlines() if l.startswith("error:")]
-    assert str(bad) in line and "cannot read image" in line
-    (parent,) = runs_by_kind(MlflowClient(uri), "sweep") if False else MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name("e2e-bad").experiment_id], "tags.`orch.kind` = 'sweep'")
-    assert parent.info.status == "FAILED"
+    assert str(bad) in line and "cannot be read" in line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
 def test_unreachable_tracking_server_fails_fast_and_starts_nothing(workspace, tmp_path):

@@ -1,0 +1,271 @@
+"""Nothing lost: a sweep stopped by Ctrl-C, killed with SIGKILL or left without its
+tracking server keeps what it finished, ends with its parent run KILLED or FAILED
+(never RUNNING), says so in one line, and `--resume` / `orch sync` complete it with
+exactly one MLflow run per trial and per point. Each case runs `orch` as a user does:
+a separate process, real Ray, real MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import image_task_spec
+
+pytestmark = pytest.mark.timeout(420)
+
+# Long enough to interrupt: 80 epochs of 3 steps on the tiny task, a few seconds a trial.
+SLOW = {"name": "ft", "lr": 1e-4, "epochs": 80, "batch_size": 8, "warmup_steps": 1}
+
+
+def write_sweep(root: Path, tmp_path: Path, name: str, **changes) -> Path:
+    spec = image_task_spec(root, name=name, storage_path=str(tmp_path / "runs"), **changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def orch(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, **kwargs)
+
+
+def run(*args: str, env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
+    proc = orch(*args, env=env)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for(predicate, timeout: float = 180, what: str = "") -> None:
+    """Poll the sweep's journal (a file on disk) until `predicate()` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def journal(tmp_path: Path) -> Path:
+    (root,) = list((tmp_path / "runs").glob("*/sweep.json"))
+    return root.parent
+
+
+def journal_files(tmp_path: Path, folder: str) -> list[str]:
+    return [p.stem for p in (tmp_path / "runs").glob(f"*/{folder}/*.json")]
+
+
+def runs_of(uri: str, name: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def assert_one_run_per_record_and_none_running(uri: str, name: str) -> list:
+    runs = runs_of(uri, name)
+    keys = Counter(r.data.tags["orch.record"] for r in runs if "orch.record" in r.data.tags)
+    assert [k for k, n in keys.items() if n > 1] == []
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    return runs
+
+
+def error_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("error:")]
+
+
+def test_ctrl_c_in_training_stops_marks_killed_and_resume_finishes(image_task, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(image_task, tmp_path, "ctrlc", method=SLOW, grid={"lr": [1e-4, 2e-4]},
+                       ensemble={"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+                       resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    env = {"MLFLOW_TRACKING_URI": uri}
+    proc = orch("sweep", str(path), env=env)
+    # after the first trial finished and the second has a checkpoint
+    wait_for(lambda: journal_files(tmp_path, "trials") and journal_files(tmp_path, "checkpoints")
+             and set(journal_files(tmp_path, "checkpoints")) - set(journal_files(tmp_path, "trials")),
+             what="a finished trial and a checkpoint of the next")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    (line,) = error_lines(out)
+    assert "interrupted" in line and "--resume" in line and "Traceback" not in out
+    runs = assert_one_run_per_record_and_none_running(uri, "ctrlc")
+    (parent,) = [r for r in runs if r.data.tags.get("orch.kind") == "sweep"]
+    assert parent.info.status == "KILLED"
+    finished = set(journal_files(tmp_path, "trials"))
+    trains = {r.info.run_name: r for r in runs if r.data.tags.get("orch.kind") == "train"}
+    assert set(trains) == finished and all(r.info.status == "FINISHED" for r in trains.values())
+    assert not [r for r in runs if r.data.tags.get("orch.kind") == "eval"]
+
+    # the same command names the unfinished sweep; --resume finishes it without retraining
+    code, out = run("sweep", str(path), "--resume", env=env)
+    assert code == 0, out
+    assert f"({len(finished)} finished before)" in out
+    runs = assert_one_run_per_record_and_none_running(uri, "ctrlc")
+    (parent,) = [r for r in runs if r.data.tags.get("orch.kind") == "sweep"]
+    assert parent.info.status == "FINISHED"
+    assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 2,
+                                                                    "eval": 2 * 4}
+    for name in finished:                 # recorded once, by the first run: not retrained
+        record = json.loads((journal(tmp_path) / "trials" / f"{name}.json").read_text())
+        assert len(record["history"]) == 80
+
+
+def test_ctrl_c_in_evaluation_is_one_line_and_exit_130(image_task, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(image_task, tmp_path, "ctrlc-eval", grid={"seed": [0]},
+                       method={**SLOW, "epochs": 1},
+                       ensemble={"name": "wise_ft", "alphas": [round(0.1 * i, 1) for i in range(11)]},
+                       resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    proc = orch("sweep", str(path), env={"MLFLOW_TRACKING_URI": uri})
+    wait_for(lambda: journal_files(tmp_path, "points"), what="a finished ensemble job")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert len(error_lines(out)) == 1 and "Traceback" not in out and "KeyError" not in out
+    runs = assert_one_run_per_record_and_none_running(uri, "ctrlc-eval")
+    assert {r.info.status for r in runs if r.data.tags.get("orch.kind") == "sweep"} == {"KILLED"}
+
+
+def test_killed_driver_loses_nothing_and_leaves_no_ghost(image_task, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(image_task, tmp_path, "kill9", method=SLOW, grid={"lr": [1e-4, 2e-4]},
+                       ensemble={"name": "wise_ft", "alphas": [0.0, 1.0]},
+                       resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    env = {"MLFLOW_TRACKING_URI": uri}
+    proc = orch("sweep", str(path), env=env, start_new_session=True)
+
+    def first_trial_in_mlflow() -> bool:
+        # the finished trial reaches MLflow when it ends, not at the end of the stage
+        return journal_files(tmp_path, "trials") and any(
+            r.data.tags.get("orch.kind") == "train" and r.info.status == "FINISHED"
+            for r in runs_of(uri, "kill9"))
+
+    wait_for(first_trial_in_mlflow, what="a finished trial in MLflow")
+    os.killpg(proc.pid, signal.SIGKILL)           # the driver and the Ray it started
+    proc.communicate(timeout=60)
+    (finished,) = journal_files(tmp_path, "trials")
+
+    code, out = run("report", env=env)
+    assert code == 0 and "(KILLED)" in out and "--resume" in out, out
+    (parent,) = [r for r in runs_of(uri, "kill9") if r.data.tags.get("orch.kind") == "sweep"]
+    assert parent.info.status == "KILLED"                 # no ghost RUNNING parent
+
+    code, out = run("sweep", str(path), "--resume", env=env)
+    assert code == 0, out
+    assert "(1 finished before)" in out
+    runs = assert_one_run_per_record_and_none_running(uri, "kill9")
+    assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 2,
+                                                                    "eval": 2 * 3}
+
+
+def test_without_resume_an_unfinished_sweep_of_the_file_is_named(image_task, tmp_path):
+    from orchestrator.journal import INTERRUPTED, Journal
+    path = write_sweep(image_task, tmp_path, "note")
+    Journal(str(tmp_path / "runs" / "note-20260101-000000-abcd")).update(
+        sweep_id="note-20260101-000000-abcd", name="note", source_file=str(path),
+        status=INTERRUPTED, created=1.0)
+    code, out = run("sweep", str(path), "--dry-run")
+    assert code == 0, out
+    assert "note: sweep note-20260101-000000-abcd of this file did not finish" in out
+    assert f"orch sweep {path} --resume" in out
+    code, out = run("sweep", str(path), "--resume", "no-such-id")
+    assert code == 2 and "no sweep 'no-such-id'" in out and "note-20260101-000000-abcd" in out
+
+
+def _mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "mlflow"
+    return subprocess.Popen(
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(artifacts)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _up(uri: str) -> bool:
+    import urllib.request
+    try:
+        return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def test_tracking_server_down_mid_sweep_loses_nothing_and_sync_writes_it(image_task, tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path / "server.db", tmp_path / "artifacts", port)
+    try:
+        wait_for(lambda: _up(uri), 90, "the tracking server")
+        path = write_sweep(image_task, tmp_path, "down", method=SLOW, grid={"lr": [1e-4, 2e-4]},
+                           ensemble={"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+                           resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+        proc = orch("sweep", str(path), env={"MLFLOW_TRACKING_URI": uri})
+        wait_for(lambda: journal_files(tmp_path, "trials"), what="a finished trial")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    (warning,) = [line for line in out.splitlines() if line.startswith("MLflow: cannot write")]
+    (line,) = error_lines(out)
+    assert "orch sync" in line
+    sweep_dir = journal(tmp_path)
+    assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "finished"
+    assert len(journal_files(tmp_path, "trials")) == 2 and len(journal_files(tmp_path, "points")) == 2 * 2
+
+    server = _mlflow_server(tmp_path / "server.db", tmp_path / "artifacts", port)
+    try:
+        wait_for(lambda: _up(uri), 90, "the tracking server again")
+        code, out = run("sync", str(sweep_dir))
+        assert code == 0, out
+        runs = assert_one_run_per_record_and_none_running(uri, "down")
+        assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 2,
+                                                                        "eval": 2 * 4}
+        (parent,) = [r for r in runs if r.data.tags.get("orch.kind") == "sweep"]
+        assert parent.info.status == "FINISHED"
+        client = MlflowClient(uri)
+        assert "pareto.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        code, again = run("sync", str(sweep_dir))              # idempotent
+        assert code == 0 and len(runs_of(uri, "down")) == len(runs)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_sweep_ids_never_collide():
+    from orchestrator.sweep import new_sweep_id
+    ids = {new_sweep_id("same") for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_two_sweeps_creating_one_new_sqlite_store_both_work(tmp_path):
+    script = ("import sys; from orchestrator.records import SweepRecords; "
+              "r = SweepRecords(sys.argv[1], sys.argv[2], 's').open(); "
+              "r.start_parent({}, None); print('ok', r.experiment_id)")
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri, f"exp{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(o.strip().splitlines()[-1].startswith("ok") for o in outs)
+    # and a SQLite store's artifacts live beside it, not in ./mlruns of the working folder
+    experiment = MlflowClient(uri).get_experiment_by_name("exp0")
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "exp0").as_uri()
