@@ -40,7 +40,7 @@ def prepare(spec: SweepSpec, progress: bool = True) -> None:
                                           f"rendering toy world ({split})", progress))
 
 
-def load_model(model: ModelSpec, augment: bool = True, device: str | torch.device = "cpu") -> LoadedClip:
+def load_model(model: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip:
     if model.arch == "toy":
         from trainers.toyworld.pretrain import toy_clip_checkpoint
         # Eval-only preprocessing for the toy world: augmentation hurt there (docs/toyworld.md).
@@ -49,7 +49,7 @@ def load_model(model: ModelSpec, augment: bool = True, device: str | torch.devic
     if model.config:  # a user's own architecture: register it in this process too
         import open_clip
         open_clip.add_model_config(Path(model.config))
-    return load_clip(model.arch, model.pretrained, augment=augment, device=device)
+    return load_clip(model.arch, model.pretrained, augment=model.augment, device=device)
 
 
 def _format_strings(templates) -> tuple[str, ...]:

@@ -51,6 +51,13 @@ class RecordCallback(tune.Callback):
             error = trial.get_error()
             live.trial_finished(self.stage, trial, _last_line(str(error)) if error else "error")
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # a data-parallel trial's epoch checkpoints live in Ray Train's storage; their
+        # path comes with the metrics
+        live = self._live()
+        if live is not None and isinstance(result.get("checkpoint_path"), str):
+            live.trial_checkpointed(self.stage, trial, result["checkpoint_path"])
+
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         live = self._live()
         if live is not None:

@@ -213,8 +213,11 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
               help="Where the sweep ran (its file's storage_path), when SWEEP is an id.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [default: the one the sweep used].")
+@click.option("--force", is_flag=True,
+              help="Sync a sweep recorded as running on another machine that is gone.")
 @click.pass_context
-def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | None) -> None:
+def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | None,
+         force: bool) -> None:
     """Write to MLflow whatever SWEEP (an id, or the sweep's folder) recorded and MLflow lacks."""
     from orchestrator.records import TrackingError
     from orchestrator.sync import SyncError, sync_sweep
@@ -222,7 +225,7 @@ def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | 
     if not verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
-        summary = sync_sweep(sweep, storage_path, tracking_uri, echo=click.echo)
+        summary = sync_sweep(sweep, storage_path, tracking_uri, echo=click.echo, force=force)
     except (SyncError, TrackingError) as err:
         _fail(err, verbose)
     click.echo(summary)

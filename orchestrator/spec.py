@@ -105,16 +105,25 @@ class ModelSpec:
     arch: str = "toy"             # "toy" (orch's toy CLIP) or an open_clip architecture
     pretrained: str | None = None  # open_clip tag ("openai") or a checkpoint file
     config: str | None = None      # an open_clip model-config JSON registering `arch`
+    # Train with open_clip's training augmentation (random resized crop); false trains on
+    # the evaluation preprocessing. The toy CLIP always trains without augmentation.
+    augment: bool = True
 
 
 @dataclass(frozen=True)
 class ResourcesSpec:
+    """What a trial gets. With `workers_per_trial: N > 1` a training trial runs data-
+    parallel on N Ray Train workers, and `cpus_per_trial` / `gpus_per_trial` are per worker."""
+
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int | None = None
     max_failures: int = 0          # Tune restarts a failed trial this often (from its checkpoint)
+    workers_per_trial: int = 1
 
     def __post_init__(self):
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.cpus_per_trial <= 0:
             raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
         if self.gpus_per_trial < 0:
@@ -304,6 +313,7 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
     resources = parse_dataclass(ResourcesSpec, raw.get("resources"), "resources")
     eval_spec = parse_dataclass(EvalSpec, raw.get("eval"), "eval")
     features = parse_dataclass(FeaturesSpec, raw.get("features"), "features")
+    _check_batches_split(methods, resources)
     model = _absolute_paths(model, ("pretrained", "config"))
     benchmark = _absolute_paths(benchmark, ("root", "train", "val", "test"))
     benchmark = dataclasses.replace(benchmark, shifts={
@@ -413,6 +423,21 @@ def _parse_grid(data: Any, method: str, options: Any, path: str) -> dict[str, li
             except ValueError as err:
                 raise SpecError(f"{where}[{i}]", str(err)) from None
     return grid
+
+
+def _check_batches_split(methods: tuple[MethodEntry, ...], resources: ResourcesSpec) -> None:
+    """Data-parallel workers take equal shares of every batch (contrastive losses gather
+    equal shards): each batch size must be a multiple of the number of workers."""
+    n = resources.workers_per_trial
+    if n == 1:
+        return
+    for i, entry in enumerate(methods):
+        for _, options, _ in entry.points():
+            for key in ("batch_size", "lp_batch_size"):
+                value = getattr(options, key, None)
+                if value is not None and value % n:
+                    raise SpecError(f"methods[{i}].{key}", f"{value} is not a multiple of "
+                                                           f"resources.workers_per_trial={n}")
 
 
 def _parse_ensembles(raw: dict, methods: tuple[MethodEntry, ...]) -> tuple[EnsembleEntry, ...]:

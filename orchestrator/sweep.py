@@ -145,14 +145,19 @@ def _check_resources(spec: SweepSpec) -> None:
     cpu, gpu = have.get("CPU", 0), have.get("GPU", 0)
     r, f = spec.resources, spec.features
     actors = f.actors or 1
-    checks = [("resources.cpus_per_trial", r.cpus_per_trial, cpu, "CPUs"),
-              ("resources.gpus_per_trial", r.gpus_per_trial, gpu, "GPUs"),
+    n = r.workers_per_trial
+    checks = [("resources.cpus_per_trial", r.cpus_per_trial * n, cpu, "CPUs"),
+              ("resources.gpus_per_trial", r.gpus_per_trial * n, gpu, "GPUs"),
               ("features.cpus_per_actor", f.cpus_per_actor * actors, cpu, "CPUs"),
               ("features.gpus_per_actor", f.gpus_per_actor * actors, gpu, "GPUs")]
     for field, asked, has, unit in checks:
         if asked > has:
-            what = f"{field}={asked:g}" if actors == 1 or "actor" not in field else \
-                f"features.actors x {field.split('.')[1]} = {asked:g}"
+            if "actor" in field and actors > 1:
+                what = f"features.actors x {field.split('.')[1]} = {asked:g}"
+            elif "trial" in field and n > 1:
+                what = f"resources.workers_per_trial x {field.split('.')[1]} = {asked:g}"
+            else:
+                what = f"{field}={asked:g}"
             raise SweepError(f"{what} but the Ray cluster has {has:g} {unit}")
 
 
@@ -272,13 +277,17 @@ def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
     spec = sweep.spec
     if not sweep.verbose:
         sweep.progress[stage] = Progress(todo, f"[{stage}] trials finished", every_s=0)
-    trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial,
-                                                "gpu": spec.resources.gpus_per_trial})
+    r = spec.resources
+    data_parallel = stage == TRAIN and r.workers_per_trial > 1
+    # A data-parallel trial only drives its Ray Train workers, which ask for the
+    # resources themselves: the trial takes a sliver of a CPU.
+    trainable = tune.with_resources(trainable, {"cpu": 0.01} if data_parallel else
+                                    {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         # reuse_actors: one worker process runs many trials (imports and caches stay warm)
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(spec, data_parallel),
+                                    reuse_actors=not data_parallel),
         run_config=tune.RunConfig(
             name=f"{stage}-{sweep.journal.meta().get('runs', 1)}",
             storage_path=sweep.journal.tune_storage, verbose=1 if sweep.verbose else 0,
@@ -296,6 +305,20 @@ def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
     if sweep.interrupted:
         raise SweepInterrupted(f"{stage} stage stopped")
     return results
+
+
+def _concurrency(spec: SweepSpec, data_parallel: bool) -> int | None:
+    """How many trials run at once. Data-parallel trials: as many as have all their
+    workers' resources (more would start drivers that wait for workers forever)."""
+    r = spec.resources
+    if not data_parallel:
+        return r.max_concurrent_trials
+    import ray
+    have = ray.cluster_resources()
+    fits = int(have.get("CPU", 0) // (r.cpus_per_trial * r.workers_per_trial))
+    if r.gpus_per_trial:
+        fits = min(fits, int(have.get("GPU", 0) // (r.gpus_per_trial * r.workers_per_trial)))
+    return max(1, min(fits, r.max_concurrent_trials or fits))
 
 
 def _trial_error(result, what: str) -> SweepError:
@@ -429,7 +452,8 @@ def _train_stage(sweep: Sweep, points: list[TrialPoint], feature_paths: dict) ->
         resume_from = {n: path for n, path in journal.checkpoints().items()
                        if n in {p.name for p in todo}}
         results = _tune(tune.with_parameters(train_trial, spec=spec, feature_paths=feature_paths,
-                                             resume_from=resume_from),
+                                             resume_from=resume_from,
+                                             workers_storage=join(journal.tune_storage, "workers")),
                         {"method": tune.grid_search(space)}, sweep, TRAIN, len(todo))
         failures = [_trial_error(r, f"training trial {spec.trial_for(r.config['method']).name}")
                     for r in results if r.error is not None and r.config]

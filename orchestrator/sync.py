@@ -37,14 +37,15 @@ def find_journal(sweep: str, storage_path: str) -> Journal:
 
 
 def sync_sweep(sweep: str, storage_path: str, tracking_uri: str | None,
-               echo: Callable[[str], None] = print) -> str:
+               echo: Callable[[str], None] = print, force: bool = False) -> str:
     from orchestrator.sweep import (Sweep, _report_stage, _sorted_rows, _sync_done,
                                     ensemble_jobs, spec_params)
     from orchestrator.journal import job_key
     journal = find_journal(sweep, storage_path)
     meta, status = journal.meta(), journal.status()
-    if status == RUNNING:
-        raise SyncError(f"sweep {journal.sweep_id} is still running (pid {meta.get('pid')})")
+    if status == RUNNING and not force:
+        raise SyncError(f"sweep {journal.sweep_id} is still running (pid {meta.get('pid')} on "
+                        f"{meta.get('host')}); if that machine is gone, sync with --force")
     text = journal.spec_text() or ""
     spec = parse_spec(yaml.safe_load(text), source_file=Path(meta["source_file"])
                       if meta.get("source_file") else None)

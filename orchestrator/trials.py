@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from ray import tune
@@ -45,20 +46,14 @@ def _history_row(history: list[dict], phase: str, metrics: dict) -> dict:
                                       if k != "epoch"}}
 
 
-def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, str], str],
-                resume_from: dict[str, str] | None = None) -> None:
-    """Fit one grid point (config["method"] holds its named hyper-parameters); checkpoint
-    every epoch; end with the fitted model file. A trial Tune restarts continues from its
-    last checkpoint; so does one a resumed sweep starts (`resume_from`: name -> path)."""
-    device = _setup(spec)
-    point = spec.trial_for(config["method"])
+def _fit(spec: SweepSpec, point: TrialPoint, feature_paths: dict, device: torch.device,
+         checkpoint, report: Callable[[dict, Path | None], None], is_first: bool = True) -> None:
+    """Fit one grid point, continuing from `checkpoint` (a Tune or Train checkpoint, or
+    None); `report(metrics, folder)` hands each epoch's state (and at the end the fitted
+    model) to whoever runs the fit. Only the first data-parallel worker writes files."""
     method = get_method(point.method)
     assets = load_assets(spec, device)
-
     resume_state, history = None, []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None and (resume_from or {}).get(point.name):
-        checkpoint = tune.Checkpoint(resume_from[point.name])
     if checkpoint is not None:  # continue from the last epoch
         with checkpoint.as_directory() as folder:
             if (Path(folder) / STATE_FILE).is_file():
@@ -69,9 +64,10 @@ def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, st
     def on_epoch_end(epoch: int, metrics: dict, state: dict) -> None:
         history.append(_history_row(history, state["phase"], metrics))
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
-            (Path(folder) / HISTORY_FILE).write_text(json.dumps(history))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            if is_first:
+                torch.save(state, Path(folder) / STATE_FILE)
+                (Path(folder) / HISTORY_FILE).write_text(json.dumps(history))
+            report(metrics, Path(folder) if is_first else None)
 
     train_features = None
     if (ZERO_SHOT, TRAIN_EVAL) in feature_paths:
@@ -85,11 +81,81 @@ def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, st
                      train_eval_set=assets.bench.train_eval)
     fitted = method.fit(assets.start, point.options, ctx)
     with tempfile.TemporaryDirectory() as folder:
-        save_fitted(fitted, Path(folder) / MODEL_FILE)
+        if is_first:
+            save_fitted(fitted, Path(folder) / MODEL_FILE)
         # The whole loss curve rides on the last report, so the driver can log it to
         # MLflow from the final result alone.
-        tune.report({"fitted": True, "history": json.dumps(history)},
+        report({"fitted": True, "history": json.dumps(history)}, Path(folder) if is_first else None)
+
+
+def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, str], str],
+                resume_from: dict[str, str] | None = None, workers_storage: str = "") -> None:
+    """Fit one grid point (config["method"] holds its named hyper-parameters); checkpoint
+    every epoch; end with the fitted model file. A trial Tune restarts continues from its
+    last checkpoint; so does one a resumed sweep starts (`resume_from`: name -> path).
+    With `resources.workers_per_trial > 1` the fit runs data-parallel on Ray Train."""
+    point = spec.trial_for(config["method"])
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and (resume_from or {}).get(point.name):
+        checkpoint = tune.Checkpoint(resume_from[point.name])
+    if spec.resources.workers_per_trial > 1:
+        _train_data_parallel(spec, point, feature_paths, checkpoint, workers_storage)
+        return
+    device = _setup(spec)
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    _fit(spec, point, feature_paths, device, checkpoint, report)
+
+
+def _train_data_parallel(spec: SweepSpec, point: TrialPoint, feature_paths: dict, checkpoint,
+                         storage: str) -> None:
+    """This Tune trial drives a Ray Train TorchTrainer with `workers_per_trial` workers
+    (gloo on CPUs, NCCL on GPUs). Each epoch's metrics and checkpoint path reach Tune
+    (the driver notes the checkpoint: a resumed sweep continues from it); Ray Train
+    restarts lost workers from it; the fitted model ends as this trial's checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    r = spec.resources
+    use_gpu = r.gpus_per_trial > 0
+    per_worker = {"CPU": r.cpus_per_trial, **({"GPU": r.gpus_per_trial} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": spec, "trial": point.name, "feature_paths": feature_paths,
+                           "resume_from": checkpoint.path if checkpoint else None},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"{point.name}-{tune.get_context().get_trial_id()}", storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            callbacks=[TuneReportCallback()]))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        tune.report({"fitted": True, "history": result.metrics["history"]},
                     checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train worker of a data-parallel trial: the same fit, on its share of each
+    batch (the loop shards batches and averages gradients over the process group)."""
+    import ray.train
+    import ray.train.torch
+    spec = config["spec"]
+    point = next(p for p in spec.trials() if p.name == config["trial"])
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
+    context = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["resume_from"]:
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
+                         if folder else None)
+
+    _fit(spec, point, config["feature_paths"], ray.train.torch.get_device(), checkpoint, report,
+         is_first=context.get_world_rank() == 0)
 
 
 def _member(feature_paths: dict, model: str, sets: list[str], with_features: bool,

@@ -83,3 +83,48 @@ def test_shards_partition_each_global_batch_and_trim_the_last():
     for full, a, b in zip(one.batches, *[h.batches for h in halves]):
         assert sorted(a + b) == sorted(full[:len(full) - len(full) % 2])
         assert len(a) == len(b)
+
+
+@pytest.mark.timeout(400)
+def test_a_sweep_trial_on_two_ray_train_workers_matches_one_worker(image_task, ray_local, tmp_path):
+    """`resources.workers_per_trial: 2` runs each training trial on a Ray Train
+    TorchTrainer (gloo on CPU) inside its Tune trial: FT and FLYP end where the same
+    sweep with one worker ends."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from conftest import image_task_spec
+    from orchestrator.cli import main
+    tiny = {"epochs": 2, "batch_size": 8, "warmup_steps": 1}
+    models = {}
+    for workers in (1, 2):
+        spec = image_task_spec(
+            image_task, name=f"dp{workers}", storage_path=str(tmp_path / f"runs{workers}"),
+            method=None, grid=None, ensemble=None, ensembles=[],
+            methods=[{"name": "ft", "lr": 1e-3, **tiny}, {"name": "flyp", "lr": 1e-4, **tiny}],
+            # no random crops: the two runs must see the same pixels
+            model={**image_task_spec(image_task)["model"], "augment": False},
+            resources={"cpus_per_trial": 1 / workers, "workers_per_trial": workers,
+                       "max_concurrent_trials": 1})
+        path = tmp_path / f"dp{workers}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        result = CliRunner().invoke(main, ["sweep", str(path)],
+                                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+        assert result.exit_code == 0, result.output
+        for record in (tmp_path / f"runs{workers}").glob("*/trials/*.json"):
+            trial = json.loads(record.read_text())
+            models[(workers, trial["trial"])] = torch.load(trial["model"], weights_only=True)
+    for name in ("ft-00", "flyp-00"):
+        one, two = models[(1, name)]["classifier"], models[(2, name)]["classifier"]
+        for key, value in one.items():
+            other = two[key]
+            if key.endswith("attn.in_proj_bias"):
+                # The key bias shifts every attention logit of a query alike, so softmax
+                # cancels it: its gradient is round-off, which AdamW divides by its own
+                # size. Compare the query and value biases, which do act.
+                third = value.shape[0] // 3
+                value = torch.cat([value[:third], value[2 * third:]])
+                other = torch.cat([other[:third], other[2 * third:]])
+            assert torch.allclose(other, value, rtol=1e-4, atol=2e-5), (name, key)

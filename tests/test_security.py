@@ -40,11 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
 import torch
-
-psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -303,7 +301,7 @@ def test_hpack_decoder_matches_rfc7541_examples():
 _CHILD = r"""
 import json, os, sys
 import ray
-import psutil                                  # Ray's bundled copy, on sys.path after ray
+import psutil
 from orchestrator.sweep import _init_ray
 
 _init_ray(None, False)
