@@ -4,14 +4,17 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.orch-installed
 
-.PHONY: demo test clean-cache
+.PHONY: demo test toy-clip clean-cache
 
 demo: $(STAMP)  ## fine-tune the toy CLIP, sweep WiSE-FT alpha, log to MLflow
 	$(VENV)/bin/orch sweep sweeps/wise_alpha.yaml
 
-test: $(STAMP)  ## the whole suite; first builds the cached toy CLIP if missing (~10 min once)
+test: $(STAMP)  ## the whole suite; first unpacks the shipped toy CLIP and renders the toy world if missing
 	$(PY) -m trainers.toyworld.pretrain
 	$(PY) -m pytest -q
+
+toy-clip: $(STAMP)  ## pre-train the toy CLIP from scratch (5-9 min on 2 cores) and rewrite its shipped weights
+	$(PY) -m trainers.toyworld.pretrain --rebuild
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -40,7 +40,7 @@ def tiny_images():
 
 @pytest.fixture(scope="session")
 def toy_clip():
-    """The cached, pre-trained toy CLIP (built once, ~10 minutes, on first use)."""
+    """The pre-trained toy CLIP: the shipped weights, expanded into the cache on first use."""
     from trainers.models import TOY_ARCH, load_clip
     from trainers.toyworld.pretrain import toy_clip_checkpoint
     return load_clip(TOY_ARCH, str(toy_clip_checkpoint()), augment=False)
