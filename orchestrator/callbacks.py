@@ -17,6 +17,8 @@ from ray import tune
 class LiveSweep(Protocol):
     interrupted: bool
 
+    def trial_started(self, stage: str, trial: Any) -> None: ...
+
     def trial_finished(self, stage: str, trial: Any, error: str | None) -> None: ...
 
     def trial_restarted(self, stage: str, trial: Any) -> None: ...
@@ -39,6 +41,11 @@ class RecordCallback(tune.Callback):
 
     def _live(self) -> LiveSweep | None:
         return LIVE.get(self.sweep_id)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        live = self._live()
+        if live is not None:
+            live.trial_started(self.stage, trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         live = self._live()

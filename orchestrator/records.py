@@ -230,6 +230,28 @@ class SweepRecords:
                                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self._try(write)
 
+    def log_model(self, model, example, register: str | None = None) -> None:
+        """The chosen model on the parent run (`model/`), with an input example and its
+        signature; registered as `register` in the model registry when given. The model's
+        class lives in orch's `trainers` package, which travels with it (code_paths)."""
+        def write() -> None:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+            from mlflow.models import infer_signature
+
+            import trainers
+            with torch.no_grad():
+                output = model(example).float().numpy()
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.parent_id):
+                mlflow.pytorch.log_model(
+                    model, name="model", input_example=example.numpy(),
+                    signature=infer_signature(example.numpy(), output),
+                    code_paths=[str(Path(trainers.__file__).parent)],
+                    registered_model_name=register)
+        self._try(write)
+
     def finish(self, status: str, error: str | None = None) -> None:
         """FINISHED, FAILED or KILLED; the parent never stays RUNNING when we can help it."""
         if self.parent_id is None:

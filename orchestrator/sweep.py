@@ -189,7 +189,8 @@ class Sweep:
     records: SweepRecords
     echo: Callable[[str], None]
     verbose: bool = False
-    progress: dict[str, Any] = field(default_factory=dict)
+    live: Any = None               # the LiveView (None with -v: Tune prints its own tables)
+    register: str | None = None    # model-registry name for the chosen model
     restarts: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False      # Ctrl-C / SIGTERM seen: Tune is stopping the trials
     in_tune: bool = False
@@ -213,17 +214,22 @@ class Sweep:
         return {p.name: p for p in self.spec.trials()}
 
     # -- called from Tune's callbacks, as each trial ends ---------------------------------
+    def trial_started(self, stage: str, trial: Any) -> None:
+        if self.live is not None:
+            self.live.trial_started()
+
     def trial_finished(self, stage: str, trial: Any, error: str | None) -> None:
         if stage == TRAIN:
-            self._train_finished(trial, error)
+            ok = self._train_finished(trial, error)
         else:
-            self._job_finished(trial, error)
-        bar = self.progress.get(stage)
-        if bar is not None:
-            bar.update(1)
+            ok = self._job_finished(trial, error)
+        if self.live is not None and ok is not None:
+            self.live.trial_ended(ok)
 
     def trial_restarted(self, stage: str, trial: Any) -> None:
         self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
+        if self.live is not None:          # it starts again (and is counted again)
+            self.live.running = max(0, self.live.running - 1)
 
     def trial_checkpointed(self, stage: str, trial: Any, path: str) -> None:
         if stage == TRAIN:
@@ -236,12 +242,13 @@ class Sweep:
         # "fitted" is orch's mark of a completed fit (Tune sets "done" on stopped trials too)
         done = error is None and result.get("fitted") is True and trial.checkpoint is not None
         if error is None and not done:
-            return          # stopped by Ctrl-C before it finished: not a result
+            return None     # stopped by Ctrl-C before it finished: not a result
         record = {"trial": point.name, "status": "ok" if done else "failed", "error": error,
                   "history": history, "restarts": trial.num_failures,
                   "model": join(trial.checkpoint.path, MODEL_FILE) if done else None}
         self.journal.save_trial(point.name, record)
         self.record_trial(record)
+        return done
 
     def record_trial(self, record: dict) -> None:
         point = self.points()[record["trial"]]
@@ -253,11 +260,17 @@ class Sweep:
     def _job_finished(self, trial: Any, error: str | None) -> None:
         job = trial.config["job"]
         result = trial.last_result or {}
-        if error is not None or "rows" not in result:
-            return          # a failed job fails the stage (reported after fit)
+        if error is not None:
+            return False    # a failed job fails the stage (reported after fit)
+        if "rows" not in result:
+            return None     # stopped by Ctrl-C
         rows = json.loads(result["rows"])
         self.journal.save_points(job, rows)
         self.record_points(rows)
+        if self.live is not None:
+            for row in rows:
+                self.live.point(row["val_acc"], point_name(row))
+        return True
 
     def record_points(self, rows: list[dict]) -> None:
         points = self.points()
@@ -273,10 +286,9 @@ def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
     from ray import tune
 
     from orchestrator.callbacks import InterruptStopper, RecordCallback
-    from trainers.progress import Progress
     spec = sweep.spec
-    if not sweep.verbose:
-        sweep.progress[stage] = Progress(todo, f"[{stage}] trials finished", every_s=0)
+    if sweep.live is not None:
+        sweep.live.start(stage, todo)
     r = spec.resources
     data_parallel = stage == TRAIN and r.workers_per_trial > 1
     # A data-parallel trial only drives its Ray Train workers, which ask for the
@@ -302,6 +314,8 @@ def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
         results = tuner.fit()
     finally:
         sweep.in_tune = False
+        if sweep.live is not None:
+            sweep.live.finish()
     if sweep.interrupted:
         raise SweepInterrupted(f"{stage} stage stopped")
     return results
@@ -329,13 +343,16 @@ def _trial_error(result, what: str) -> SweepError:
 
 def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
               verbose: bool = False, echo: Callable[[str], None] = print,
-              resume: Journal | None = None) -> SweepResult:
+              resume: Journal | None = None, register: str | None = None) -> SweepResult:
     """Run a sweep (or continue `resume`); raises SweepInterrupted on Ctrl-C/SIGTERM."""
     from orchestrator.callbacks import LIVE
+    from orchestrator.live import LiveView
     check_writable(spec.storage_path)
     journal = resume or Journal(join(spec.storage_path, new_sweep_id(spec.name)))
     sweep_id = journal.sweep_id
     meta = journal.meta()
+    live = None if verbose else LiveView()
+    echo = live.echo if live is not None else echo
     records = SweepRecords(tracking_uri, spec.experiment, sweep_id, echo,
                            sync_hint=f" in {journal.root}; `orch sync {journal.root}` writes "
                                      "them to MLflow later").open()     # fail fast
@@ -353,7 +370,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         "orch.host": socket.gethostname()})
     journal.update(parent_run_id=records.parent_id, experiment_id=records.experiment_id,
                    tracking_uri=tracking_uri, experiment=spec.experiment)
-    sweep = Sweep(spec, journal, records, echo, verbose)
+    sweep = Sweep(spec, journal, records, echo, verbose, live, register)
     LIVE[sweep_id] = sweep
     # orch handles Ctrl-C itself (Tune's own handler would swallow the first one and let
     # the sweep go on to its next stage).
@@ -370,7 +387,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         models = _train_stage(sweep, trained, feature_paths)
         feature_paths.update(_fine_tuned_features(spec, trained, models, cache, bench))
         rows = _ensemble_stage(sweep, points, models, feature_paths)
-        table, selected = _report_stage(sweep, rows)
+        table, selected = _report_stage(sweep, rows, models)
         journal.update(status=FINISHED, error=None, mlflow_synced=records.failed is None)
         records.finish("FINISHED")
     except (KeyboardInterrupt, SweepInterrupted):
@@ -517,9 +534,9 @@ def _sorted_rows(spec: SweepSpec, points: list[TrialPoint], rows: list[dict]) ->
         grid_order.get((r["ensemble"], json.dumps(r["coefficients"], sort_keys=True)), 0)))
 
 
-def _report_stage(sweep: Sweep, rows: list[dict]) -> tuple[list[dict], int]:
+def _report_stage(sweep: Sweep, rows: list[dict], models: dict[str, str]) -> tuple[list[dict], int]:
     """Pareto front, the choice per (method, ensemble) and overall; the flags on each
-    point's run; the parent's table, plots and summary."""
+    point's run; the parent's table, plots and summary; the chosen model."""
     import matplotlib.pyplot as plt
     sweep_id, records = sweep.sweep_id, sweep.records
     table = pareto_table(rows)
@@ -547,7 +564,31 @@ def _report_stage(sweep: Sweep, rows: list[dict]) -> tuple[list[dict], int]:
                     {"orch.selected_run": best["run_id"], "orch.selected_trial": best["trial"]})
     for figure in figures.values():
         plt.close(figure)
+    _log_chosen_model(sweep, table, models)
     return table, selected
+
+
+def _log_chosen_model(sweep: Sweep, table: list[dict], models: dict[str, str]) -> None:
+    """The single model chosen on ID validation (a trial alone or a WiSE-FT point), logged
+    on the parent run (and registered with --register)."""
+    import torch
+
+    from orchestrator.build import load_assets, load_fitted
+    from orchestrator.export import chosen_exportable, point_model
+    index = chosen_exportable(table)
+    if index is None or sweep.records.failed is not None:
+        return
+    row = table[index]
+    cpu = torch.device("cpu")
+    assets = load_assets(sweep.spec, cpu)
+    fitted = load_fitted(assets, models.get(row["trial"]), cpu)
+    model = point_model(assets, fitted, row["ensemble"], row["coefficients"]).classifier
+    val = assets.bench.val.dataset
+    example = torch.stack([val[i][0] for i in range(min(2, len(val)))])
+    sweep.records.log_model(model, example, sweep.register)
+    sweep.records.metrics(sweep.records.parent_id, {"model_val_acc": row["val_acc"],
+                                                     "model_id_acc": row["id_acc"],
+                                                     "model_ood_acc": row["ood_acc"]})
 
 
 def mlflow_ui_hint(tracking_uri: str, experiment_id: str) -> str:

@@ -65,7 +65,9 @@ def sync_sweep(sweep: str, storage_path: str, tracking_uri: str | None,
     jobs = ensemble_jobs(spec, points)
     if status == FINISHED and all(job_key(job) in done for job in jobs):
         rows = [row for job in jobs for row in done[job_key(job)]["rows"]]
-        _report_stage(state, _sorted_rows(spec, points, rows))
+        models = {name: record["model"] for name, record in journal.trials().items()
+                  if record.get("status") == "ok"}
+        _report_stage(state, _sorted_rows(spec, points, rows), models)
     records.finish(STATUS.get(status, "FAILED"), meta.get("error"))
     if records.failed:
         raise TrackingError(f"cannot write to MLflow tracking store {uri}: {records.failed}")

@@ -1,0 +1,91 @@
+"""A sweep's points for machines (`orch report --json | --csv`) and two sweeps side by
+side (`orch compare`)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_label,
+                                 pareto_front)
+from orchestrator.report import FoundSweep, format_summary
+
+KEYS = ("trial", "method", "ensemble")
+
+
+def _coefficient_names(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r["coefficients"]))
+
+
+def flat_rows(rows: list[dict]) -> list[dict]:
+    """One flat dict per point: its names, each coefficient as a column, its metrics,
+    `on_front` and `chosen` (on ID validation, within its method and ensemble)."""
+    chosen = set(chosen_per_group(rows).values()) if rows else set()
+    names = _coefficient_names(rows)
+    out = []
+    for i, row in enumerate(rows):
+        flat = {k: row[k] for k in KEYS}
+        flat.update({k: row["coefficients"].get(k) for k in names})
+        flat.update({k: v for k, v in sorted(row.items()) if isinstance(v, float)
+                     and k not in ("on_front", "chosen")})
+        flat["on_front"] = bool(row.get("on_front"))
+        flat["chosen"] = i in chosen
+        out.append(flat)
+    return out
+
+
+def to_json(found: FoundSweep) -> str:
+    rows = flat_rows(found.rows)
+    chosen = [{"group": group_label(g), **{k: found.rows[i][k] for k in KEYS},
+               "coefficients": found.rows[i]["coefficients"]}
+              for g, i in (chosen_per_group(found.rows).items() if found.rows else [])]
+    return json.dumps({"sweep_id": found.sweep_id, "experiment": found.experiment,
+                       "status": found.status, "points": rows, "chosen": chosen}, indent=1)
+
+
+def to_csv(rows: list[dict]) -> str:
+    flat = flat_rows(rows)
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
+
+
+def compare_sweeps(found: list[FoundSweep], out: str) -> str:
+    """Both sweeps' Pareto fronts (ID vs OOD accuracy over all their points) on one plot
+    written to `out`, and each sweep's chosen points, one table per sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8.5, 6), dpi=120)
+    lines = []
+    for sweep, colour in zip(found, ("tab:blue", "tab:orange")):
+        rows = sweep.rows
+        xs = [100 * r["id_acc"] for r in rows]
+        ys = [100 * r["ood_acc"] for r in rows]
+        ax.scatter(xs, ys, s=8, color=colour, alpha=0.35, linewidths=0)
+        front = sorted((r for r, on in zip(rows, pareto_front(list(zip(xs, ys)))) if on),
+                       key=lambda r: r["id_acc"])
+        ax.plot([100 * r["id_acc"] for r in front], [100 * r["ood_acc"] for r in front],
+                marker="o", markersize=4, color=colour, label=f"{sweep.sweep_id} (front)")
+        lines += [f"sweep {sweep.sweep_id} ({sweep.status}): {len(rows)} points, "
+                  f"{len(front)} on its front", format_summary(rows), ""]
+        best = max(front, key=lambda r: r["ood_acc"], default=None)
+        if best is not None:
+            where = "" if best["ensemble"] == NONE else f" {best['ensemble']} {coefficients_text(best)}"
+            lines.insert(-1, f"  best OOD on the front: {100 * best['ood_acc']:.1f} at ID "
+                             f"{100 * best['id_acc']:.1f} ({best['trial']}{where})")
+    ax.set_xlabel("ID accuracy (%)")
+    ax.set_ylabel("OOD accuracy, mean over shifts (%)")
+    ax.set_title(" vs ".join(s.sweep_id for s in found), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return "\n".join(lines + [f"plot: {out}"])

@@ -1,0 +1,154 @@
+"""Getting the result out: `orch export` writes a point as a plain open_clip checkpoint
+that a Python without orch loads and that reproduces the sweep's ID accuracy for that
+point; the chosen model is logged on the parent run (and registered with --register);
+a sweep can ensemble existing checkpoints instead of training."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_CLASSES, image_task_spec
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.timeout(400)
+
+# A Python that imports torch and open_clip only, and scores the checkpoint on the ID
+# test folder exactly as the README shows.
+PLAIN = r"""
+import sys
+from pathlib import Path
+import open_clip, torch, torch.nn.functional as F
+from PIL import Image
+ckpt = torch.load(sys.argv[1], weights_only=True)
+model = getattr(open_clip, ckpt["model_class"])(**ckpt["model_cfg"]).eval()
+model.load_state_dict(ckpt["state_dict"])
+preprocess = open_clip.image_transform(**ckpt["preprocess"], is_train=False)
+right = total = 0
+for label, name in enumerate(ckpt["classnames"]):
+    for path in sorted((Path(sys.argv[2]) / name).iterdir()):
+        image = preprocess(Image.open(path).convert("RGB"))[None]
+        with torch.no_grad():
+            logits = F.normalize(model.encode_image(image), dim=-1) @ ckpt["head_weight"].T \
+                + ckpt["head_bias"]
+        right += int(logits.argmax(1).item() == label)
+        total += 1
+assert not [m for m in sys.modules if m.split(".")[0] in ("orchestrator", "trainers")]
+print(right / total)
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(image_task, ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    tiny = {"epochs": 2, "batch_size": 8, "warmup_steps": 1}
+    spec = image_task_spec(
+        image_task, name="export", storage_path=str(tmp / "runs"), method=None, grid=None,
+        ensemble=None, methods=[{"name": "ft", "lr": 1e-3, **tiny},
+                                {"name": "flyp", "lr": 1e-4, **tiny}],
+        ensembles=[{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
+                   {"name": "ose", "alpha": [0.0, 0.5, 1.0]}])
+    path = tmp / "export.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["sweep", str(path), "--register", "orch-export-test"],
+                                env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp / "runs").glob("*/sweep.json")
+    return folder.parent, uri, tmp
+
+
+def plain_accuracy(checkpoint, folder) -> float:
+    done = subprocess.run([sys.executable, "-I", "-c", PLAIN, str(checkpoint), str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def rows(sweep_dir) -> list[dict]:
+    return [r for p in (sweep_dir / "points").glob("*.json")
+            for r in json.loads(p.read_text())["rows"]]
+
+
+@pytest.mark.parametrize("args, trial, ensemble, coefficients", [
+    ((), None, None, None),                                    # the sweep's chosen point
+    (("--trial", "flyp-00", "--alpha", "0.5"), "flyp-00", "wise_ft", {"alpha": 0.5}),
+    (("--trial", "ft-00", "--coeffs", "alpha=1.0"), "ft-00", "wise_ft", {"alpha": 1.0}),
+])
+def test_export_reproduces_the_points_id_accuracy_without_orch(sweep, image_task, args, trial,
+                                                                ensemble, coefficients):
+    sweep_dir, _, tmp = sweep
+    out = tmp / f"model-{len(args)}.pt"
+    result = CliRunner().invoke(main, ["export", str(sweep_dir), str(out), *args])
+    assert result.exit_code == 0, result.output
+    import torch
+    point = torch.load(out, weights_only=True)["point"]
+    if trial is not None:
+        assert (point["trial"], point["ensemble"], point["coefficients"]) == (
+            trial, ensemble, coefficients)
+    (row,) = [r for r in rows(sweep_dir) if r["trial"] == point["trial"]
+              and r["ensemble"] == point["ensemble"] and r["coefficients"] == point["coefficients"]]
+    assert plain_accuracy(out, image_task / "task" / "test") == pytest.approx(row["id_acc"])
+
+
+def test_output_space_points_and_unknown_trials_are_clear_errors(sweep):
+    sweep_dir, _, tmp = sweep
+    for args, words in ((("--trial", "ft-00", "--coeffs", "a=1,b=0.5"), "cannot be exported"),
+                        (("--trial", "nope-00"), "no trial 'nope-00'"),
+                        (("--alpha", "0.5"), "need --trial")):
+        result = CliRunner().invoke(main, ["export", str(sweep_dir), str(tmp / "x.pt"), *args])
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_chosen_model_is_logged_with_signature_and_registered(sweep, image_task):
+    import mlflow
+    import numpy as np
+    sweep_dir, uri, _ = sweep
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("export")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")
+    mlflow.set_tracking_uri(uri)
+    model_info = mlflow.models.get_model_info(f"runs:/{parent.info.run_id}/model")
+    assert model_info.signature is not None and model_info.saved_input_example_info is not None
+    (version,) = client.search_model_versions("name='orch-export-test'")
+    assert version.run_id == parent.info.run_id
+    model = mlflow.pytorch.load_model(f"models:/orch-export-test/{version.version}")
+    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    assert model(__import__("torch").from_numpy(example)).shape == (1, len(TINY_CLASSES))
+    # the logged model is the sweep's chosen single-model point
+    assert parent.data.metrics["model_val_acc"] == max(
+        r["val_acc"] for r in rows(sweep_dir) if r["ensemble"] in ("none", "wise_ft"))
+
+
+def test_a_sweep_can_ensemble_existing_checkpoints(sweep, image_task, tmp_path):
+    """model.pretrained is the zero-shot checkpoint, method `checkpoint` the fine-tuned
+    one: WiSE-FT and OSE sweep them without training, and the loaded model alone scores
+    what the exported point scored."""
+    sweep_dir, _, tmp = sweep
+    exported = tmp_path / "ft.pt"
+    assert CliRunner().invoke(main, ["export", str(sweep_dir), str(exported), "--trial",
+                                     "ft-00"]).exit_code == 0
+    spec = image_task_spec(image_task, name="existing", storage_path=str(tmp_path / "runs"),
+                           method={"name": "checkpoint", "path": str(exported)}, grid=None,
+                           ensemble=None, ensembles=[{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
+                                                     {"name": "ose", "alpha": [0.5]}])
+    path = tmp_path / "existing.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["sweep", str(path)],
+                                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert result.exit_code == 0, result.output
+    (new_dir,) = (tmp_path / "runs").glob("*/sweep.json")
+    points = rows(new_dir.parent)
+    assert {(r["ensemble"], json.dumps(r["coefficients"])) for r in points} == {
+        ("none", "{}"), ("wise_ft", '{"alpha": 0.0}'), ("wise_ft", '{"alpha": 0.5}'),
+        ("wise_ft", '{"alpha": 1.0}'), ("ose", '{"alpha": 0.5}')}
+    (alone,) = [r for r in points if r["ensemble"] == "none"]
+    (original,) = [r for r in rows(sweep_dir) if r["trial"] == "ft-00" and r["ensemble"] == "none"]
+    assert alone["id_acc"] == pytest.approx(original["id_acc"])
+    assert alone["id_nll"] == pytest.approx(original["id_nll"], rel=1e-4)
