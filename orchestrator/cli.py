@@ -38,12 +38,31 @@ def _fail(err: BaseException, verbose: bool, cls=UserError):
     raise cls(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
 
+BIG_SWEEP = 1000      # training trials above which `orch sweep` asks for --yes
+
+
+def _verbose(ctx: click.Context, param, value: bool) -> bool:
+    """`-v` works before or after the sub-command (`orch -v sweep F`, `orch sweep F -v`)."""
+    ctx.ensure_object(dict)
+    root = ctx.find_root()
+    root.ensure_object(dict)
+    root.obj["verbose"] = root.obj.get("verbose", False) or value
+    return value
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True, expose_value=False,
+                              callback=_verbose, is_eager=True,
+                              help="Show Ray Tune's tables and full tracebacks.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Show Ray Tune's tables and full tracebacks.")
+@verbose_option
+@click.version_option(package_name="orch", prog_name="orch")
 @click.pass_context
-def main(ctx: click.Context, verbose: bool) -> None:
+def main(ctx: click.Context) -> None:
     """orch: sweep robust fine-tuning methods for CLIP on Ray, record them in MLflow."""
-    ctx.obj = {"verbose": verbose}
+    ctx.ensure_object(dict)
+    ctx.obj.setdefault("verbose", False)
 
 
 @main.command()
@@ -57,9 +76,15 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
               help="Ray cluster address [env RAY_ADDRESS; default: a `ray start` cluster on this "
                    "machine, else a local Ray].")
+@click.option("--register", default=None, metavar="NAME",
+              help="Register the chosen model in MLflow's model registry under NAME.")
+@click.option("-y", "--yes", is_flag=True,
+              help=f"Run a sweep of more than {BIG_SWEEP} training trials without asking.")
+@verbose_option
 @click.pass_context
 def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, resume: str | None,
-          tracking_uri: str | None, address: str | None) -> None:
+          tracking_uri: str | None, address: str | None, register: str | None,
+          yes: bool) -> None:
     """Fine-tune every grid point of SWEEP_FILE, sweep the ensembles' coefficients, report."""
     from orchestrator.build import check_benchmark
     from orchestrator.checks import check_images
@@ -84,9 +109,14 @@ def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, resume: str | None
         if journal is not None:
             click.echo(f"would resume sweep {journal.sweep_id} ({journal.status()}, "
                        f"{len(journal.trials())} trial(s) done)")
-        _print_plan(spec, tracking_uri, address)
+        _print_plan(spec, tracking_uri, address, bench)
         return
-    _run(spec, tracking_uri, address, verbose, journal)
+    trials = sum(p.trained for p in spec.trials())
+    if trials > BIG_SWEEP and not yes:
+        raise UserError(f"{sweep_file}: {trials:,} training trials, {spec.num_points():,} "
+                        f"points to evaluate; check the grid with --dry-run, and pass --yes "
+                        f"to run a sweep this large")
+    _run(spec, tracking_uri, address, verbose, journal, register)
 
 
 def _journal_to_resume(spec, sweep_file: str, resume: str | None):
@@ -121,7 +151,7 @@ def _journal_to_resume(spec, sweep_file: str, resume: str | None):
     return journal
 
 
-def _run(spec, tracking_uri, address, verbose, resume=None) -> None:
+def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> None:
     from orchestrator.records import TrackingError, default_tracking_uri
     from orchestrator.report import format_summary
     from orchestrator.storage import StorageError
@@ -134,7 +164,7 @@ def _run(spec, tracking_uri, address, verbose, resume=None) -> None:
         or default_tracking_uri()
     try:
         result = run_sweep(spec, uri, address=address, verbose=verbose, echo=click.echo,
-                           resume=resume)
+                           resume=resume, register=register)
     except SweepInterrupted as err:
         _fail(err, verbose, Interrupted)
     except (TrackingError, DataError, ModelError, SpecError, StorageError) as err:
@@ -156,9 +186,12 @@ def _run(spec, tracking_uri, address, verbose, resume=None) -> None:
     click.echo("  " + mlflow_ui_hint(uri, result.experiment_id).replace("\n", "\n  "))
 
 
-def _print_plan(spec, tracking_uri, address) -> None:
+def _print_plan(spec, tracking_uri, address, bench=None) -> None:
     from orchestrator.records import default_tracking_uri
     points = spec.trials()
+    trained = sum(p.trained for p in points)
+    if trained > BIG_SWEEP:
+        click.echo(f"a large sweep: {trained:,} training trials; `orch sweep` asks for --yes")
     r, f = spec.resources, spec.features
     trained = [p for p in points if p.trained]
     click.echo(f"sweep {spec.name}: model {spec.model.arch}"
@@ -183,6 +216,16 @@ def _print_plan(spec, tracking_uri, address) -> None:
                f"{f.gpus_per_actor:g} GPU; batch {f.batch_size}")
     click.echo(f"Ray: {address or 'local (started on demand)'}; storage: {spec.storage_path}")
     click.echo(f"MLflow: {tracking_uri or default_tracking_uri()}, experiment {spec.experiment!r}")
+    if bench is not None:
+        click.echo("eval sets (classes, images):")
+        for name, eval_set in bench.eval_sets().items():
+            role = ("ID validation" if name == "id_val" else "ID test" if name == "id_test"
+                    else "diagnostic" if name in bench.diagnostics else "shift")
+            subset = (f", {eval_set.num_classes} of {bench.num_classes} classes"
+                      if eval_set.num_classes != bench.num_classes else "")
+            click.echo(f"  {name}: {eval_set.num_classes} classes, {len(eval_set.dataset):,} "
+                       f"images ({role}{subset})")
+        click.echo(f"  train: {bench.num_classes} classes, {len(bench.train):,} images")
 
 
 @main.command()
@@ -190,21 +233,98 @@ def _print_plan(spec, tracking_uri, address) -> None:
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
 @click.option("--points", is_flag=True, help="List every point, not only the chosen ones.")
+@click.option("--json", "as_json", is_flag=True, help="Every point and the choices, as JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Every point, as CSV.")
+@verbose_option
 @click.pass_context
 def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
-           points: bool) -> None:
+           points: bool, as_json: bool, as_csv: bool) -> None:
     """Per method and ensemble, the point chosen on ID validation (last sweep, or SWEEP_ID)."""
     from orchestrator.records import TrackingError, default_tracking_uri
     from orchestrator.report import ReportError, format_points, format_summary, load_sweep
+    from orchestrator.tables import to_csv, to_json
+    if as_json and as_csv:
+        raise UserError("--json and --csv: choose one")
     uri = tracking_uri or default_tracking_uri()
     try:
         found = load_sweep(uri, sweep_id)
     except (TrackingError, ReportError) as err:
         _fail(err, ctx.obj["verbose"])
+    if as_json:
+        click.echo(to_json(found))
+        return
+    if as_csv:
+        click.echo(to_csv(found.rows), nl=False)
+        return
     click.echo(f"sweep {found.sweep_id} ({found.status}), experiment {found.experiment}")
     if found.note:
         click.echo(found.note)
     click.echo(format_points(found.rows, found.selected) if points else format_summary(found.rows))
+
+
+@main.command()
+@click.argument("sweep_a")
+@click.argument("sweep_b")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///$PWD/mlflow.db].")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="compare.png",
+              show_default=True, help="Where to write the plot of both Pareto fronts.")
+@verbose_option
+@click.pass_context
+def compare(ctx: click.Context, sweep_a: str, sweep_b: str, tracking_uri: str | None,
+            out: str) -> None:
+    """Two sweeps' Pareto fronts on one plot, and their chosen points side by side."""
+    from orchestrator.records import TrackingError, default_tracking_uri
+    from orchestrator.report import ReportError, load_sweep
+    from orchestrator.tables import compare_sweeps
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        found = [load_sweep(uri, sweep_a), load_sweep(uri, sweep_b)]
+    except (TrackingError, ReportError) as err:
+        _fail(err, ctx.obj["verbose"])
+    click.echo(compare_sweeps(found, out))
+
+
+@main.command()
+@click.argument("sweep")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--trial", default=None, help="The trained trial (default: the sweep's chosen point).")
+@click.option("--alpha", type=float, default=None, help="WiSE-FT's mixing coefficient.")
+@click.option("--coeffs", default=None, metavar="K=V,...",
+              help="A weight-space ensemble's coefficients, e.g. alpha=0.4.")
+@click.option("--storage-path", default="runs", show_default=True,
+              help="Where the sweep ran (its file's storage_path), when SWEEP is an id.")
+@verbose_option
+@click.pass_context
+def export(ctx: click.Context, sweep: str, out: str, trial: str | None, alpha: float | None,
+           coeffs: str | None, storage_path: str) -> None:
+    """Write one point of SWEEP as a plain open_clip checkpoint OUT (with its head, class
+    names and templates), loadable without orch."""
+    from pathlib import Path
+
+    from orchestrator.export import ExportError, export_sweep
+    if alpha is not None and coeffs:
+        raise UserError("--alpha and --coeffs: give one")
+    coefficients = {"alpha": alpha} if alpha is not None else None
+    if coeffs:
+        try:
+            coefficients = {k.strip(): float(v) for k, v in
+                            (part.split("=", 1) for part in coeffs.split(","))}
+        except ValueError:
+            raise UserError(f"--coeffs: expected name=value pairs, got {coeffs!r}") from None
+    try:
+        click.echo(export_sweep(sweep, storage_path, Path(out), trial, coefficients))
+    except ExportError as err:
+        _fail(err, ctx.obj["verbose"])
+
+
+@main.command()
+def schema() -> None:
+    """Print the sweep file's JSON Schema (for editors: `orch schema > sweep.schema.json`)."""
+    import json
+
+    from orchestrator.jsonschema import sweep_schema
+    click.echo(json.dumps(sweep_schema(), indent=2))
 
 
 @main.command()
@@ -215,6 +335,7 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
               help="MLflow tracking URI [default: the one the sweep used].")
 @click.option("--force", is_flag=True,
               help="Sync a sweep recorded as running on another machine that is gone.")
+@verbose_option
 @click.pass_context
 def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | None,
          force: bool) -> None:
