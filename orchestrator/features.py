@@ -120,6 +120,10 @@ class FeatureCache:
         self.preprocessing = repr(bench.test.dataset.transform)
         self._set_ids = {name: dataset_fingerprint(ds) for name, ds in self.datasets.items()}
 
+    def dataset_id(self, set_name: str) -> str:
+        """The fingerprint of a set's images and labels."""
+        return self._set_ids[set_name]
+
     def key(self, model: ModelRef, set_name: str) -> str:
         return fingerprint({"version": FORMAT_VERSION, "model": model.identity,
                             "preprocessing": self.preprocessing,

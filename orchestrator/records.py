@@ -230,6 +230,21 @@ class SweepRecords:
                                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self._try(write)
 
+    def datasets(self, sets: Mapping[str, tuple[str, str, str]]) -> None:
+        """The benchmark's sets as the parent run's dataset inputs (the UI's Datasets
+        column): name -> (source, digest, context: train / validation / test / shift)."""
+        def write() -> None:
+            from mlflow.data.http_dataset_source import HTTPDatasetSource
+            from mlflow.data.meta_dataset import MetaDataset
+            from mlflow.entities import DatasetInput, InputTag
+            inputs = []
+            for name, (source, digest, context) in sets.items():
+                dataset = MetaDataset(HTTPDatasetSource(source), name=name, digest=digest[:36])
+                inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                           [InputTag("mlflow.data.context", context)]))
+            self.client.log_inputs(self.parent_id, datasets=inputs)
+        self._try(write)
+
     def log_model(self, model, example, register: str | None = None) -> None:
         """The chosen model on the parent run (`model/`), with an input example and its
         signature; registered as `register` in the model registry when given. The model's

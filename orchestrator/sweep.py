@@ -383,6 +383,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         clip = load_model(spec.model)               # transforms and datasets, on the driver
         bench = load_benchmark(spec.benchmark, clip)
         cache = FeatureCache(spec, bench, echo)
+        records.datasets(_dataset_inputs(spec, bench, cache))
         feature_paths = _zero_shot_features(spec, points, cache, bench)
         models = _train_stage(sweep, trained, feature_paths)
         feature_paths.update(_fine_tuned_features(spec, trained, models, cache, bench))
@@ -416,6 +417,21 @@ def _sync_done(sweep: Sweep) -> None:
         sweep.record_trial(record)
     for entry in sweep.journal.points().values():
         sweep.record_points(entry["rows"])
+
+
+def _dataset_inputs(spec: SweepSpec, bench, cache: FeatureCache) -> dict[str, tuple[str, str, str]]:
+    """Each set of the benchmark as an MLflow dataset input: (source, digest, context)."""
+    contexts = {"id_val": "validation", "id_test": "test", TRAIN_EVAL: "train"}
+    out = {}
+    for name, dataset in cache.datasets.items():
+        context = contexts.get(name, "diagnostic" if name in bench.diagnostics else "shift")
+        paths = getattr(dataset, "paths", None)
+        if paths:
+            source = Path(os.path.commonpath([str(p) for p in paths])).as_uri()
+        else:
+            source = f"orch-{spec.benchmark.source}:{'id_train' if name == TRAIN_EVAL else name}"
+        out["train" if name == TRAIN_EVAL else name] = (source, cache.dataset_id(name), context)
+    return out
 
 
 def _needs_train_outputs(spec: SweepSpec, point: TrialPoint) -> bool:
