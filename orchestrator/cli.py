@@ -67,6 +67,7 @@ def main(ctx: click.Context) -> None:
 
 @main.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--dry-run", is_flag=True, help="Validate the file, print the planned trials, exit.")
 @click.option("--resume", "resume", is_flag=False, flag_value="last", default=None,
               metavar="[SWEEP_ID]",
@@ -82,10 +83,13 @@ def main(ctx: click.Context) -> None:
               help=f"Run a sweep of more than {BIG_SWEEP} training trials without asking.")
 @verbose_option
 @click.pass_context
-def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, resume: str | None,
-          tracking_uri: str | None, address: str | None, register: str | None,
-          yes: bool) -> None:
-    """Fine-tune every grid point of SWEEP_FILE, sweep the ensembles' coefficients, report."""
+def sweep(ctx: click.Context, sweep_file: str, overrides: tuple[str, ...], dry_run: bool,
+          resume: str | None, tracking_uri: str | None, address: str | None,
+          register: str | None, yes: bool) -> None:
+    """Fine-tune every grid point of SWEEP_FILE, sweep the ensembles' coefficients, report.
+
+    KEY=VALUE pairs after the file change it as if it said so (`method.lr=1e-4`,
+    `grid.seed=[0,1,2]`, `methods.1.epochs=3`); the effective file is what is recorded."""
     from orchestrator.build import check_benchmark
     from orchestrator.checks import check_images
     from orchestrator.spec import load_spec
@@ -93,7 +97,7 @@ def sweep(ctx: click.Context, sweep_file: str, dry_run: bool, resume: str | None
     from trainers.data import DataError
     verbose = ctx.obj["verbose"]
     try:
-        spec = load_spec(sweep_file)
+        spec = load_spec(sweep_file, overrides)
         check_writable(spec.storage_path)
         bench = check_benchmark(spec.benchmark)
         if bench is not None:
@@ -124,7 +128,7 @@ def _journal_to_resume(spec, sweep_file: str, resume: str | None):
     `--resume`, a note when an unfinished sweep of this file exists."""
     from orchestrator.journal import FINISHED, find_sweeps, open_journal, unfinished
     source = str(spec.source_file) if spec.source_file else None
-    text = spec.source_file.read_text() if spec.source_file else None
+    text = spec.text or None
     if resume is None:
         waiting = unfinished(spec.storage_path, spec.name, source, text)
         if waiting:

@@ -6,8 +6,12 @@ every point instead.
 """
 from __future__ import annotations
 
+import re
 import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -91,7 +95,36 @@ def _coefficients(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in (part.split("=") for part in text.split(", "))}
 
 
+SWEEP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")   # what new_sweep_id() makes
+
+
+def _missing_store(tracking_uri: str) -> str | None:
+    """Where a local tracking store (SQLite file, or mlruns folder) should be, if it is
+    not there: MLflow would create an empty one just by being asked."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///relative.db, sqlite:////abs/path.db; sqlite:// or :memory: is no file
+        path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+        path = path.split("?", 1)[0]
+        if path and path != ":memory:" and not Path(path).expanduser().is_file():
+            return str(Path(path).expanduser())
+        return None
+    if parsed.scheme == "file" or (not parsed.scheme or len(parsed.scheme) == 1):  # C:\...
+        path = urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" \
+            else tracking_uri
+        if not Path(path).expanduser().is_dir():
+            return str(Path(path).expanduser())
+    return None
+
+
 def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
+    if sweep_id is not None and not SWEEP_ID.fullmatch(sweep_id):
+        raise ReportError(f"{sweep_id!r} is not a sweep id (sweep ids have only letters, "
+                          "digits, '-', '_' and '.'; `orch report` alone shows the last sweep)")
+    missing = _missing_store(tracking_uri)
+    if missing:
+        raise ReportError(f"no sweeps recorded in {tracking_uri}: {missing} does not exist "
+                          "(run `orch sweep` first, or check --tracking-uri)")
     client = MlflowClient(tracking_uri)
     try:
         experiments = client.search_experiments()

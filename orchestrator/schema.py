@@ -3,12 +3,15 @@ every error ("method.lr: expected a number, got 'fast'").
 
 Small on purpose: it understands the types sweep files use (bool, int, float, str,
 Optional, tuple/list of X, dict of str -> X, nested dataclasses), rejects unknown
-keys, and leaves value checks to each dataclass's `__post_init__`, whose ValueError
-is re-raised with the path.
+keys and non-finite numbers (NaN, inf: YAML's `.nan`, `.inf`), and leaves value checks
+to each dataclass's `__post_init__`, whose ValueError is re-raised at the field it names
+("lr must be > 0" from `method` -> "method.lr: must be > 0").
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Union, get_args, get_origin
@@ -18,6 +21,8 @@ class SpecError(ValueError):
     """A sweep file that cannot run; `str()` is one line naming the field."""
 
     def __init__(self, path: str, message: str):
+        # one line, whatever the message quoted (the CLI prints it as is)
+        message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
         self.path, self.message = path, message
         super().__init__(f"{path}: {message}" if path else message)
 
@@ -75,13 +80,19 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # no option of a sweep file means anything as NaN or infinity
+            if not math.isfinite(number):
+                raise SpecError(path, f"expected a finite number, got {_describe(value)}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -139,4 +150,52 @@ def parse_dataclass(cls: type, data: Any, path: str = "", exclude: tuple[str, ..
     except SpecError:
         raise
     except (ValueError, TypeError) as err:
-        raise SpecError(path, str(err)) from None
+        raise _blame(cls, kwargs, str(err), path) from None
+
+
+_NAMED = re.compile(r"(?P<names>[A-Za-z_]\w*(?:(?:, | and | or )[A-Za-z_]\w*)*)"
+                    r"(?P<suffix>(?:[.\[][^\s:]*)?)(?::\s*|\s+)(?P<rest>.+)", re.S)
+
+
+def _outcome(cls: type, kwargs: dict[str, Any]) -> str | None:
+    try:
+        cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
+
+
+def _blame(cls: type, kwargs: dict[str, Any], message: str, path: str) -> SpecError:
+    """A dataclass's own ValueError at the field to blame: the field its message starts
+    with ("lr must be > 0, got -1" -> `<path>.lr: must be > 0, got -1`; "epochs and
+    batch_size must be >= 1" -> whichever of the two the file set wrong), else the key of
+    the file without which the error goes away (LP-FT's `lp_lr` checked as LP's `lr`)."""
+    fields = field_types(cls)
+    match = _NAMED.match(message)
+    named: list[str] = []
+    if match:
+        named = re.split(r", | and | or ", match["names"])
+        if not all(name in fields for name in named):
+            named = []
+
+    def culprit(name: str) -> bool:
+        # the file set this key, and setting it back to its default changes the error
+        if name not in kwargs:
+            return False
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            return name in named                   # required: cannot be left out to test
+        return _outcome(cls, {k: v for k, v in kwargs.items() if k != name}) != message
+
+    at_named = [name for name in named if culprit(name)]
+    if not at_named:
+        for name in kwargs:
+            if name not in named and culprit(name):
+                rest = message
+                if any(name.endswith("_" + n) for n in named) and not match["suffix"]:
+                    rest = match["rest"].strip()   # LP's "lr must be > 0" for LP-FT's lp_lr
+                return SpecError(_join(path, name), rest)
+        at_named = [name for name in named if name in kwargs][:1]
+    if at_named:
+        return SpecError(_join(path, at_named[0]) + match["suffix"], match["rest"].strip())
+    return SpecError(path, message)

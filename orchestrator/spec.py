@@ -11,11 +11,13 @@ Relative paths are resolved against the current working directory, on the driver
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -140,8 +142,10 @@ class EvalSpec:
     num_workers: int = 0
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,7 @@ class SweepSpec:
     storage_path: str          # an absolute local path, or a bucket URI passed to Tune as is
     experiment: str
     source_file: Path | None = None
+    text: str = ""             # the effective sweep file (with command-line overrides applied)
 
     def trials(self) -> list[TrialPoint]:
         """Every method's grid expanded, methods in file order."""
@@ -275,23 +280,137 @@ TOP_KEYS = ("name", "experiment", "benchmark", "model", "method", "grid", "metho
             "ensembles", "resources", "eval", "features", "storage_path")
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
+class SweepLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML requires
+    unique keys; PyYAML itself silently keeps the last value): a SpecError at the key's
+    path, with both lines."""
+
+    def construct_document(self, node):
+        _check_unique_keys(self, node, "", set())
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        # construct_document checked the whole tree (with paths); this keeps any other
+        # use of the loader from dropping a duplicate silently
+        _check_unique_keys(self, node, "", set(), recurse=False)
+        return super().construct_mapping(node, deep=deep)
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str, seen: set[int],
+                       recurse: bool = True) -> None:
+    if id(node) in seen:     # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode) and recurse:
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, f"{path}[{i}]", seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[Any, yaml.Mark] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE:   # `<<: *defaults`: keys after it may override its keys
+            if recurse:
+                _check_unique_keys(loader, value_node, path, seen)
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue                 # a mapping or list as a key: SafeLoader refuses it
+        key = loader.construct_object(key_node, deep=True)
+        mark = key_node.start_mark
+        where = f"{path}.{key}" if path else str(key)
+        try:
+            if key in first:
+                was = first[key]
+                lines = (f"twice on line {mark.line + 1}" if was.line == mark.line else
+                         f"on lines {was.line + 1} and {mark.line + 1}")
+                raise SpecError(where, f"duplicate key, {lines} (remove one)")
+            first[key] = mark
+        except TypeError:            # an unhashable key: SafeLoader reports it itself
+            pass
+        if recurse:
+            _check_unique_keys(loader, value_node, where, seen)
+
+
+def read_sweep_text(path: Path) -> str:
+    """The file's text: UTF-8 (a BOM is allowed), whatever the locale says."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SpecError("", f"cannot read sweep file {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"the file is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                            f"position {err.start}); save it as UTF-8") from None
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (),
               check_paths: bool = True) -> SweepSpec:
-    """Read and validate a sweep file. Raises SpecError (one line, with the field)."""
+    """Read and validate a sweep file, with dotted `key=value` overrides applied first
+    (`method.lr=1e-4`, `grid.seed=[0,1,2]`, `methods.1.lr=3e-5`): an override is checked
+    exactly as if the file said it. Raises SpecError (one line, with the field)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError("", f"sweep file {path} does not exist")
+    text = read_sweep_text(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(text, Loader=SweepLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise SpecError("", f"{path}: not valid YAML{where}: "
                             f"{getattr(err, 'problem', None) or err}") from None
-    spec = parse_spec(raw, source_file=path.resolve())
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        text = yaml.safe_dump(raw, sort_keys=False)
+    spec = dataclasses.replace(parse_spec(raw, source_file=path.resolve()), text=text)
     if check_paths:
         check_spec_paths(spec)
     return spec
+
+
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> dict:
+    """A copy of the YAML mapping with each `dotted.key=value` set; the value is read as
+    YAML (`1e-4`, `[0, 1, 2]`, `null`, `{a: 1}`). List items are addressed by index
+    (`methods.1.lr` or `methods[1].lr`); missing mappings along the path are created."""
+    import copy
+    import re
+    out = copy.deepcopy(raw) if isinstance(raw, dict) else {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError("", f"override {item!r}: expected key=value, e.g. method.lr=1e-4")
+        parts = [p for p in re.split(r"\.|\[|\]", key.strip()) if p != ""]
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise SpecError(key, f"override value {text!r} is not valid YAML: "
+                                 f"{getattr(err, 'problem', None) or err}") from None
+        node: Any = out
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(where, f"override {item!r}: no item {part} in a list of "
+                                           f"{len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise SpecError(".".join(parts[:depth]), f"override {item!r}: not a mapping "
+                                                         "or list to set a key in")
+    return out
 
 
 def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
@@ -333,7 +452,8 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
         raise SpecError("features.cache_dir", "must be a folder every node can read (a local "
                                               "path or a shared mount), not a bucket URI")
     experiment = coerce(raw.get("experiment", name), str, "experiment")
-    return SweepSpec(name=name, benchmark=benchmark, model=model, methods=methods,
+    return SweepSpec(text=yaml.safe_dump(raw, sort_keys=False),
+                     name=name, benchmark=benchmark, model=model, methods=methods,
                      ensembles=ensembles, resources=resources, eval=eval_spec, features=features,
                      storage_path=storage, experiment=experiment,
                      source_file=source_file)
@@ -472,7 +592,14 @@ def _parse_ensemble_entry(data: Any, path: str, methods: tuple[MethodEntry, ...]
     fields = {k: v for k, v in data.items() if k not in ("name", "methods")}
     if "alphas" in fields and "alpha" in ensemble.coefficients and "alpha" not in fields:
         fields["alpha"] = fields.pop("alphas")       # v0 spelling
-    options = parse_dataclass(ensemble.options, fields, path)
+    try:
+        options = parse_dataclass(ensemble.options, fields, path)
+    except SpecError as err:
+        old = f"{path}.alpha"
+        if "alphas" in data and "alpha" not in data and (
+                err.path == old or err.path.startswith(old + "[")):
+            raise SpecError(f"{path}.alphas{err.path[len(old):]}", err.message) from None
+        raise
     applies = None
     if "methods" in data:
         applies = tuple(coerce(data["methods"], list[str], f"{path}.methods"))
@@ -492,30 +619,74 @@ def check_spec_paths(spec: SweepSpec) -> None:
             raise SpecError("benchmark.root", "required for source imagefolder")
         _require(Path(b.root), "benchmark.root", folder=True)
     if b.source == "csv":
+        from trainers.data import DataError
+        from trainers.data.folders import check_csv_classes
         for split in ("train", "val", "test"):
             if getattr(b, split) is None:
                 raise SpecError(f"benchmark.{split}", "required for source csv (a path,label file)")
             _require(Path(getattr(b, split)), f"benchmark.{split}", folder=False)
         if not b.classnames:
             raise SpecError("benchmark.classnames", "required for source csv")
+        for split in ("train", "val", "test"):   # every class has rows in every ID split
+            try:
+                check_csv_classes(Path(getattr(b, split)), b.classnames)
+            except DataError as err:
+                raise SpecError(f"benchmark.{split}", str(err)) from None
     for name, shift in b.shifts.items():
         _require(Path(shift.path), f"benchmark.shifts.{name}.path",
                  folder=shift.format == "imagefolder")
     if b.source == "toyworld" and b.shifts:
         raise SpecError("benchmark.shifts", "the toy world brings its own shifts")
-    if spec.model.pretrained and spec.model.arch == "toy":
+    _check_model(spec.model)
+
+
+HF_HUB = "hf-hub:"
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _close_names(word: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+def _check_model(model: ModelSpec) -> None:
+    """The architecture is known to open_clip (or an `hf-hub:<org>/<name>` model, checked
+    by its form only: no network here), and a pretrained tag is one open_clip has for it."""
+    pretrained_file = bool(model.pretrained) and (
+        "/" in model.pretrained or model.pretrained.endswith((".pt", ".bin", ".safetensors")))
+    if model.pretrained and model.arch == "toy":
         raise SpecError("model.pretrained", "the toy CLIP is pre-trained by orch; leave it unset")
-    if spec.model.pretrained and ("/" in spec.model.pretrained or
-                                  spec.model.pretrained.endswith((".pt", ".bin", ".safetensors"))):
-        _require(Path(spec.model.pretrained), "model.pretrained", folder=False)
-    if spec.model.config:
-        _require(Path(spec.model.config), "model.config", folder=False)
-    if spec.model.arch != "toy":
-        import open_clip  # deferred: only real models need the registry lookup
-        if spec.model.config:
-            open_clip.add_model_config(Path(spec.model.config).expanduser().resolve())
-        if spec.model.arch not in open_clip.list_models():
-            raise SpecError("model.arch", f"unknown open_clip architecture {spec.model.arch!r}")
+    if pretrained_file:
+        _require(Path(model.pretrained), "model.pretrained", folder=False)
+    if model.config:
+        _require(Path(model.config), "model.config", folder=False)
+    if model.arch == "toy":
+        return
+    if model.arch.startswith(HF_HUB):
+        if not _HF_REPO.fullmatch(model.arch[len(HF_HUB):]):
+            raise SpecError("model.arch", f"expected hf-hub:<org>/<name>, got {model.arch!r}")
+        if model.pretrained:
+            raise SpecError("model.pretrained", "an hf-hub: model brings its own weights; "
+                                                "leave pretrained unset")
+        return
+    import open_clip  # deferred: only real models need the registry lookup
+    if model.config:
+        open_clip.add_model_config(Path(model.config).expanduser().resolve())
+    archs = open_clip.list_models()
+    if model.arch not in archs:
+        hint = _close_names(model.arch, archs) or \
+            "see open_clip.list_models(), or use hf-hub:<org>/<name>"
+        raise SpecError("model.arch", f"unknown open_clip architecture {model.arch!r}; {hint}")
+    if model.pretrained and not pretrained_file and not Path(model.pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(model.arch)
+        tag = model.pretrained.lower().replace("-", "_")   # how open_clip reads a tag
+        if tag not in tags:
+            hint = _close_names(tag, tags) or (
+                f"its tags: {', '.join(tags[:6])}" + (f", ... ({len(tags)} in all)"
+                                                      if len(tags) > 6 else "")
+                if tags else "open_clip has none for it: give a checkpoint file")
+            raise SpecError("model.pretrained", f"{model.pretrained!r} is neither a file nor a "
+                                                f"pretrained tag of {model.arch}; {hint}")
 
 
 def _require(path: Path, where: str, folder: bool) -> None:

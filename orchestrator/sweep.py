@@ -361,7 +361,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
     echo(f"sweep {sweep_id}{' (resumed)' if resume else ''}: {len(trained)} training "
          f"trial(s) of {len(spec.methods)} method(s), {spec.num_points()} point(s) to evaluate")
     prepare(spec)
-    spec_text = spec.source_file.read_text() if spec.source_file else ""
+    spec_text = spec.text
     journal.start(spec.name, str(spec.source_file) if spec.source_file else None, spec_text)
     # Where the sweep's journal is and which process runs it: `orch report` can then tell
     # a sweep whose process was killed from one still running.

@@ -66,18 +66,18 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     (with_({"method.lrr": 0.1}), "method.lrr", "unknown key"),
     (with_({"method.lr": "fast"}), "method.lr", "expected a number"),
     (with_({"method.epochs": 1.5}), "method.epochs", "expected an integer"),
-    (with_({"method.lr": -1.0}), "method", "lr must be > 0"),
+    (with_({"method.lr": -1.0}), "method.lr", "must be > 0"),
     (with_({"method.name": "sgd"}), "method.name", "unknown method"),
     (with_({"grid.momentum": [0.9]}), "grid.momentum", "not an option"),
     (with_({"grid.lr": [1e-4, "x"]}), "grid.lr[1]", "expected a number"),
     (with_({"grid.lr": [1e-4, -2.0]}), "grid.lr[1]", "lr must be > 0"),
     (with_({"grid.seed": []}), "grid.seed", "non-empty list"),
-    (with_({"ensemble.alphas": [0.0, 1.5]}), "ensemble", "alpha: 1.5 is outside [0, 1]"),
-    (with_({"ensemble.alphas": [0.0, 0.5, 0.5]}), "ensemble", "alpha: duplicate value 0.5"),
+    (with_({"ensemble.alphas": [0.0, 1.5]}), "ensemble.alphas", "1.5 is outside [0, 1]"),
+    (with_({"ensemble.alphas": [0.0, 0.5, 0.5]}), "ensemble.alphas", "duplicate value 0.5"),
     (with_({"grid.seed": [0, 0]}), "grid.seed[1]", "duplicate value 0"),
     (with_({"ensemble.name": "ft"}), "ensemble.name", "unknown ensemble"),
-    (with_({"benchmark.source": "hdf5"}), "benchmark", "source must be one of"),
-    (with_({"resources.gpus_per_trial": -1}), "resources", "gpus_per_trial"),
+    (with_({"benchmark.source": "hdf5"}), "benchmark.source", "must be one of"),
+    (with_({"resources.gpus_per_trial": -1}), "resources.gpus_per_trial", "must be >= 0"),
     (with_({}, drop=("name",)), "name", "required"),
     (with_({"benchmark": {"source": "imagefolder", "root": "/nonexistent/orch-data"}}),
      "benchmark.root", "does not exist"),
@@ -142,7 +142,7 @@ def test_shipped_sweep_files_are_valid():
         assert spec.trials(), path
 
 
-@pytest.mark.parametrize("templates, words", [("imagenet", "templates must be openai, simple"),
+@pytest.mark.parametrize("templates, words", [("imagenet", "templates: must be openai, simple"),
                                                (["a photo"], "must contain '{}'")])
 def test_bad_templates_fail_up_front(tmp_path, templates, words):
     path = write(tmp_path, with_({"benchmark.templates": templates}))
@@ -252,12 +252,14 @@ def _multi(**changes):
     (_multi(method={"name": "ft"}), "method", "either `methods:`"),
     (_multi(methods=[{"name": "ft", "grid": {"lr": [1.0, -1.0]}}]), "methods[0].grid.lr[1]",
      "lr must be > 0"),
-    (_multi(methods=[{"name": "carot", "lambda_oc": -0.2}]), "methods[0]", "lambda_oc must be >= 0"),
+    (_multi(methods=[{"name": "carot", "lambda_oc": -0.2}]), "methods[0].lambda_oc",
+     "must be >= 0"),
     (_multi(methods=[{"name": "ft", "bogus": 1}]), "methods[0].bogus", "unknown key"),
     (_multi(ensembles=[{"name": "vrf", "methods": ["zeroshot"]}]), "ensembles[0].methods[0]",
      "not a method of this sweep that trains"),
-    (_multi(ensembles=[{"name": "vrf", "b": [0.0]}]), "ensembles[0]", "b: must be > 0"),
-    (_multi(ensembles=[{"name": "vrf", "variant": "faiss"}]), "ensembles[0]", "variant must be"),
+    (_multi(ensembles=[{"name": "vrf", "b": [0.0]}]), "ensembles[0].b", "must be > 0"),
+    (_multi(ensembles=[{"name": "vrf", "variant": "faiss"}]), "ensembles[0].variant",
+     "must be code or paper"),
     (_multi(ensembles=[{"name": "ose"}, {"name": "ose"}]), "ensembles[1].name", "listed twice"),
     (_multi(ensembles=[{"name": "soup"}]), "ensembles[0].name", "unknown ensemble"),
 ])
@@ -321,3 +323,32 @@ def test_every_unreadable_image_is_named_before_anything_starts(tmp_path, image_
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert "2 of" in line and all(str(p) in line for p in bad)
+
+
+def test_overrides_on_the_command_line_equal_the_same_values_in_the_file(tmp_path):
+    import dataclasses
+    edited = with_({"method.lr": 1e-4, "grid.seed": [0, 1, 2]})
+    del edited["grid"]["lr"]
+    from_file = load_spec(write(tmp_path, edited, "edited.yaml"))
+    overridden = load_spec(write(tmp_path, with_({}, drop=("grid.lr",)), "base.yaml"),
+                           ["method.lr=1e-4", "grid.seed=[0,1,2]"])
+    strip = {"source_file": None, "text": ""}
+    assert dataclasses.replace(overridden, **strip) == dataclasses.replace(from_file, **strip)
+    assert yaml.safe_load(overridden.text)["method"]["lr"] == "1e-4"   # what MLflow stores
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "base.yaml"), "method.lr=1e-4",
+                                       "grid.seed=[0,1,2]", "--dry-run"])
+    assert result.exit_code == 0 and "3 trial(s)" in result.output, result.output
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("method.lr=fast", "method.lr", "expected a number"),
+    ("method.lrr=0.1", "method.lrr", "unknown key"),
+    ("method.lr", "", "expected key=value"),
+    ("methods.3.lr=1", "methods", "either `methods:`"),
+    ("grid.seed=[0, 0]", "grid.seed[1]", "duplicate value"),
+])
+def test_bad_overrides_are_one_line_naming_the_field(tmp_path, override, field, words):
+    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, GOOD)), override, "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert words in line and (not field or f"{field}:" in line), line

@@ -24,6 +24,7 @@ from torch import nn
 from trainers.data import ArrayNormalize
 
 TOY_ARCH = "orch-toy-rn"
+HF_HUB = "hf-hub:"   # open_clip's prefix for a model (config and weights) on the Hugging Face hub
 _TOY_CONFIG = Path(__file__).parent / "toyworld" / f"{TOY_ARCH}.json"
 open_clip.add_model_config(_TOY_CONFIG)
 
@@ -51,21 +52,31 @@ def load_clip(arch: str, pretrained: str | None = None, *, augment: bool = True,
     a local checkpoint file, or None (random init: only useful in tests).
     `augment=False` makes the train transform the eval transform (no random crop).
     """
-    if arch not in open_clip.list_models():
+    if arch.startswith(HF_HUB):
+        # "hf-hub:<org>/<name>": open_clip reads the config and the weights from the hub
+        if len(arch) == len(HF_HUB) or arch.count("/") != 1:
+            raise ModelError(f"model.arch: expected hf-hub:<org>/<name>, got {arch!r}")
+        if pretrained is not None:
+            raise ModelError(f"model.pretrained: {arch} brings its own weights; "
+                             f"leave pretrained unset (got {pretrained!r})")
+    elif arch not in open_clip.list_models():
         raise ModelError(f"model.arch: unknown open_clip architecture {arch!r} "
-                         f"(see open_clip.list_models())")
-    if pretrained is not None and not Path(pretrained).is_file() and (
-            pretrained not in open_clip.list_pretrained_tags_by_model(arch)):
+                         f"(see open_clip.list_models(), or use hf-hub:<org>/<name>)")
+    elif pretrained is not None and not Path(pretrained).is_file() and (
+            pretrained.lower().replace("-", "_")       # open_clip's reading of a tag
+            not in open_clip.list_pretrained_tags_by_model(arch)):
         raise ModelError(f"model.pretrained: {pretrained!r} is neither a file nor a known "
                          f"pretrained tag of {arch} "
                          f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained, device=device)
-    except Exception as err:  # bad pickles, mismatched state dicts, unreadable files
-        raise ModelError(f"model.pretrained: cannot load {pretrained!r} into {arch}: "
+        tokenizer = open_clip.get_tokenizer(arch)
+    except Exception as err:  # bad pickles, mismatched state dicts, unreadable files, no hub
+        what = (f"model.arch: cannot load {arch}" if arch.startswith(HF_HUB) else
+                f"model.pretrained: cannot load {pretrained!r} into {arch}")
+        raise ModelError(f"{what}: "
                          f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
-    tokenizer = open_clip.get_tokenizer(arch)
     return LoadedClip(model=model, train_transform=train_tf if augment else eval_tf,
                       eval_transform=eval_tf, tokenizer=tokenizer, arch=arch)
 

@@ -40,6 +40,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ShiftSource",
     "load_imagefolder_benchmark",
+    "check_csv_classes",
     "load_csv_split",
     "load_shift",
 ]
@@ -108,7 +109,7 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return dirs
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def _image_files(class_dir: Path, classname: str | None = None) -> list[Path]:
     """Image files under ``class_dir`` (recursively, following symlinks), sorted for determinism."""
     files = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
@@ -119,7 +120,8 @@ def _image_files(class_dir: Path) -> list[Path]:
     files.sort()
     if not files:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise DataError(f"no images in class folder {class_dir} (looked for {exts})")
+        what = f"class {classname!r}: " if classname is not None else ""
+        raise DataError(f"{what}no images in class folder {class_dir} (looked for {exts})")
     return files
 
 
@@ -141,12 +143,34 @@ def _folder_label(class_dir: Path, classnames: Sequence[str], index: dict[str, i
     return label
 
 
+def _folder_of(split_dir: Path, classnames: Sequence[str], label: int, folder_names: str) -> Path:
+    return split_dir / (classnames[label] if folder_names == "classnames" else str(label))
+
+
+def _missing(classnames: Sequence[str], missing: Sequence[int], what: str) -> str:
+    """'class 'dog' has no folder /x/train/dog' (+ how many other classes lack one)."""
+    others = len(missing) - 1
+    more = f" (nor do {others} other class{'es' if others > 1 else ''})" if others else ""
+    return f"class {classnames[missing[0]]!r} has {what}{more}"
+
+
+def _require_every_class(
+    split_dir: Path, classnames: Sequence[str], labels: Sequence[int], folder_names: str
+) -> None:
+    present = set(labels)
+    missing = [k for k in range(len(classnames)) if k not in present]
+    if missing:
+        folder = _folder_of(split_dir, classnames, missing[0], folder_names)
+        raise DataError(_missing(classnames, missing, f"no folder {folder}"))
+
+
 def _list_imagefolder(
-    split_dir: Path, classnames: Sequence[str], folder_names: str
+    split_dir: Path, classnames: Sequence[str], folder_names: str, require_all: bool = False
 ) -> tuple[list[Path], list[int]]:
     """All image paths and their labels (in the ``classnames`` space) under ``split_dir``.
 
-    Ordered by label, then path, so the listing does not depend on the file system.
+    Ordered by label, then path, so the listing does not depend on the file system. Every
+    class folder must hold images; with ``require_all`` every class must have a folder.
     """
     index = {name: k for k, name in enumerate(classnames)}
     by_label: dict[int, list[Path]] = {}
@@ -154,7 +178,9 @@ def _list_imagefolder(
         label = _folder_label(class_dir, classnames, index, folder_names)
         if label in by_label:
             raise DataError(f"class folder {class_dir}: a second folder for class {classnames[label]!r}")
-        by_label[label] = _image_files(class_dir)
+        by_label[label] = _image_files(class_dir, classnames[label])
+    if require_all:
+        _require_every_class(split_dir, classnames, list(by_label), folder_names)
     paths, labels = [], []
     for label in sorted(by_label):
         paths += by_label[label]
@@ -203,6 +229,22 @@ def _csv_label(label: str, index: dict[str, int], n: int, where: str) -> int:
     if not 0 <= value < n:
         raise DataError(f"{where}: label index {value} out of range for {n} classes")
     return value
+
+
+def check_csv_classes(csv_path: Path | str, classnames: Sequence[str]) -> None:
+    """Every class of ``classnames`` has at least one row in the ``path,label`` CSV (and
+    every label is a class): the check for an ID split, which must cover all classes.
+    Reads the labels only (``load_csv_split`` checks the image files)."""
+    csv_path = _abspath(csv_path)
+    classnames = tuple(classnames)
+    index = {name: k for k, name in enumerate(classnames)}
+    present = {
+        _csv_label(label, index, len(classnames), f"{csv_path}:{line}")
+        for line, _, label in _read_csv_rows(csv_path)
+    }
+    missing = [k for k in range(len(classnames)) if k not in present]
+    if missing:
+        raise DataError(_missing(classnames, missing, f"no rows in {csv_path}"))
 
 
 def load_csv_split(
@@ -258,13 +300,23 @@ def load_shift(
     else:
         space = id_classnames
 
-    if source.format == "csv":
-        dataset, _ = load_csv_split(source.path, space, transform)
-        paths, labels = list(dataset.paths), list(dataset.labels)
-    else:
-        if not source.path.is_dir():
-            raise DataError(f"{where}: missing folder {source.path}")
-        paths, labels = _list_imagefolder(source.path, space, source.folder_names)
+    # A shift may cover a subset of the ID classes (no folder or rows for the others), but a
+    # class folder it has must hold images; with a class_map, every mapped class needs some.
+    mapped = source.class_map is not None
+    try:
+        if source.format == "csv":
+            dataset, present = load_csv_split(source.path, space, transform)
+            paths, labels = list(dataset.paths), list(dataset.labels)
+            missing = [k for k, c in enumerate(space) if c not in present]
+            if mapped and missing:
+                raise DataError(_missing(space, missing, f"no rows in {source.path}"))
+        else:
+            if not source.path.is_dir():
+                raise DataError(f"missing folder {source.path}")
+            paths, labels = _list_imagefolder(source.path, space, source.folder_names,
+                                              require_all=mapped)
+    except DataError as exc:
+        raise DataError(f"shift {name!r}: {exc}") from None
 
     if source.class_map is None:
         # Subset (or all) of the ID classes: keep the present ones, in ID-class order.
@@ -348,18 +400,32 @@ def load_imagefolder_benchmark(
     if len(set(classnames)) != len(classnames):
         raise DataError(f"{root}: duplicate names in classnames")
 
+    # Every ID class needs images in train, val and test (a class missing from a split would
+    # train without examples, or be scored on nothing); the splits are listed first, so a
+    # stray or misnamed folder is reported before the class it leaves without a folder.
     train = _list_imagefolder(train_dir, classnames, folder_names)
     if val_fraction > 0:
         if val_dir.exists():
             raise DataError(f"{val_dir} exists but val_fraction={val_fraction}: use one or the other")
+        _require_every_class(train_dir, classnames, train[1], folder_names)
         train, val = _split_train_val(*train, float(val_fraction), seed)
         if not val[0]:
             raise DataError(f"{train_dir}: val_fraction={val_fraction} leaves no validation images")
+        in_val = set(val[1])
+        missing = [k for k in range(len(classnames)) if k not in in_val]
+        if missing:
+            folder = _folder_of(train_dir, classnames, missing[0], folder_names)
+            raise DataError(_missing(classnames, missing, (
+                f"no validation images: val_fraction={val_fraction} takes none of its "
+                f"{train[1].count(missing[0])} in {folder}"))
+                + f"; add images, raise val_fraction, or make {val_dir}")
     else:
         if not val_dir.is_dir():
             raise DataError(f"missing folder {val_dir} (or set val_fraction > 0 to split train)")
         val = _list_imagefolder(val_dir, classnames, folder_names)
     test = _list_imagefolder(test_dir, classnames, folder_names)
+    for split_dir, (_, labels) in ((train_dir, train), (val_dir, val), (test_dir, test)):
+        _require_every_class(split_dir, classnames, labels, folder_names)
 
     groups = identity_groups(len(classnames))
     shift_sets = {
