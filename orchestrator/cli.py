@@ -220,16 +220,39 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
                f"{f.gpus_per_actor:g} GPU; batch {f.batch_size}")
     click.echo(f"Ray: {address or 'local (started on demand)'}; storage: {spec.storage_path}")
     click.echo(f"MLflow: {tracking_uri or default_tracking_uri()}, experiment {spec.experiment!r}")
-    if bench is not None:
-        click.echo("eval sets (classes, images):")
-        for name, eval_set in bench.eval_sets().items():
-            role = ("ID validation" if name == "id_val" else "ID test" if name == "id_test"
-                    else "diagnostic" if name in bench.diagnostics else "shift")
-            subset = (f", {eval_set.num_classes} of {bench.num_classes} classes"
-                      if eval_set.num_classes != bench.num_classes else "")
-            click.echo(f"  {name}: {eval_set.num_classes} classes, {len(eval_set.dataset):,} "
-                       f"images ({role}{subset})")
-        click.echo(f"  train: {bench.num_classes} classes, {len(bench.train):,} images")
+    click.echo("sets (classes, images):")
+    for name, classes, images, role in _set_sizes(spec, bench):
+        click.echo(f"  {name}: {classes} classes, {images:,} images ({role})")
+
+
+def _set_sizes(spec, bench) -> list[tuple[str, int, int, str]]:
+    """(name, classes, images, role) of the training split and every eval set; for the toy
+    world from its definition (nothing is rendered for a dry run)."""
+    if bench is None:   # the toy world
+        from trainers.toyworld import world
+        cfg = world.WorldConfig()
+        n = len(world.CLASSNAMES)
+        sizes = [("train", n, min(world.split_size(cfg, "id_train"),
+                                  spec.benchmark.train_size or 10**12), "ID training")]
+        for split in world.EVAL_SPLITS:
+            if split == "id_train":
+                continue
+            role = ("ID validation" if split == "id_val" else "ID test" if split == "id_test"
+                    else "diagnostic" if split not in world.SHIFT_SPLITS else "shift")
+            classes = len(world.OBJECTNET_CLASSES) if split == "objectnet" else n
+            if classes != n:
+                role += f", {classes} of {n} classes"
+            sizes.append((split, classes, min(world.split_size(cfg, split),
+                                              spec.benchmark.eval_size or 10**12), role))
+        return sizes
+    sizes = [("train", bench.num_classes, len(bench.train), "ID training")]
+    for name, eval_set in bench.eval_sets().items():
+        role = ("ID validation" if name == "id_val" else "ID test" if name == "id_test"
+                else "diagnostic" if name in bench.diagnostics else "shift")
+        if eval_set.num_classes != bench.num_classes:
+            role += f", {eval_set.num_classes} of {bench.num_classes} classes"
+        sizes.append((name, eval_set.num_classes, len(eval_set.dataset), role))
+    return sizes
 
 
 @main.command()

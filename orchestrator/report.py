@@ -157,10 +157,16 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
                      "coefficients": _coefficients(params.get("coefficients", "-")),
                      "on_front": run.data.metrics.get("on_front", 0.0) > 0.5,
                      "run_id": run.info.run_id, **run.data.metrics})
-    order = {}  # trials and groups in the order their first run was created
-    for run in sorted(children, key=lambda r: r.info.start_time):
-        order.setdefault(run.data.params.get("trial"), len(order))
-    rows.sort(key=lambda r: (order.get(r["trial"], 0), r["ensemble"] != NONE, r["ensemble"],
+    # The sweep file's order: methods as listed, each method's trials by grid index
+    # (their names end in -00, -01, ...), the model alone first, then ensembles as listed.
+    methods = parent.data.params.get("methods", "").split(",")
+    ensembles = [NONE] + parent.data.params.get("ensembles", "").split(",")
+
+    def position(values: list[str], value: str) -> int:
+        return values.index(value) if value in values else len(values)
+
+    rows.sort(key=lambda r: (position(methods, r["method"]), r["trial"],
+                             position(ensembles, r["ensemble"]),
                              sorted(r["coefficients"].items())))
     chosen = parent.data.tags.get("orch.selected_run")
     selected = next((i for i, r in enumerate(rows) if r["run_id"] == chosen), None)
