@@ -165,7 +165,8 @@ class FeatureCache:
         segments = [(m.name, m.checkpoint, s, len(self.datasets[s])) for m, sets in jobs
                     for s in sets]
         total = sum(n for *_, n in segments)
-        actors = f.actors or _pool_size(f)
+        # a small job is not worth starting (and loading the model in) many actors
+        actors = f.actors or max(1, min(_pool_size(f), total // (4 * f.batch_size)))
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = False

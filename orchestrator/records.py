@@ -259,12 +259,25 @@ class SweepRecords:
             with torch.no_grad():
                 output = model(example).float().numpy()
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.parent_id):
-                mlflow.pytorch.log_model(
+            from importlib.metadata import version
+            # Named, not inferred: MLflow's inference imports and scans for seconds.
+            requirements = [f"torch=={version('torch')}", f"torchvision=={version('torchvision')}",
+                            f"open_clip_torch=={version('open_clip_torch')}",
+                            f"mlflow=={version('mlflow')}"]
+            import contextlib
+            import io
+            # MLflow prints its own registration lines; orch says it in one line below
+            with mlflow.start_run(run_id=self.parent_id), \
+                    contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                info = mlflow.pytorch.log_model(
                     model, name="model", input_example=example.numpy(),
                     signature=infer_signature(example.numpy(), output),
                     code_paths=[str(Path(trainers.__file__).parent)],
-                    registered_model_name=register)
+                    pip_requirements=requirements, registered_model_name=register)
+            if register:
+                self.echo(f"registered the chosen model as {register!r}, version "
+                          f"{info.registered_model_version}")
         self._try(write)
 
     def finish(self, status: str, error: str | None = None) -> None:

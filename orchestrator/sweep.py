@@ -1,9 +1,10 @@
 """`orch sweep`: the stages of a sweep, in order.
 
 1. prepare  - the driver builds the cached assets (toy world, toy CLIP) once;
-2. features - Ray Data encodes every set with the zero-shot model into the Parquet cache;
+2. features - Ray Data encodes the training split with the zero-shot model into the
+              Parquet cache, when a linear probe trains on it;
 3. train    - one Ray Tune trial per grid point of every method, checkpointing each epoch;
-4. features - the same for every fitted model;
+4. features - every set, with the zero-shot model and every fitted model (one job);
 5. ensemble - Ray Tune jobs: per trained trial one job on cached outputs (the model alone,
               every output-space ensemble, weight-space endpoints), and one job per
               interior weight-space point (WiSE-FT alpha);
@@ -384,9 +385,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         bench = load_benchmark(spec.benchmark, clip)
         cache = FeatureCache(spec, bench, echo)
         records.datasets(_dataset_inputs(spec, bench, cache))
-        feature_paths = _zero_shot_features(spec, points, cache, bench)
+        feature_paths = _features_before_training(spec, points, cache, bench)
         models = _train_stage(sweep, trained, feature_paths)
-        feature_paths.update(_fine_tuned_features(spec, trained, models, cache, bench))
+        feature_paths.update(_features_after_training(spec, points, trained, models, cache, bench))
         rows = _ensemble_stage(sweep, points, models, feature_paths)
         table, selected = _report_stage(sweep, rows, models)
         journal.update(status=FINISHED, error=None, mlflow_synced=records.failed is None)
@@ -440,24 +441,33 @@ def _needs_train_outputs(spec: SweepSpec, point: TrialPoint) -> bool:
                for e in spec.ensembles_for(point))
 
 
-def _zero_shot_features(spec: SweepSpec, points: list[TrialPoint], cache: FeatureCache,
-                        bench) -> dict[tuple[str, str], str]:
-    """Zero-shot outputs of every eval set, and of the training split when a linear probe
-    trains on its features or VRF builds its zero-shot-failure set from it."""
+def _zero_shot_job(spec: SweepSpec, points: list[TrialPoint], bench) -> tuple:
+    """The zero-shot model's sets: every eval set, and the training split when a linear
+    probe trains on its features or VRF builds its zero-shot-failure set from it."""
     sets = list(bench.eval_sets())
     if any(get_method(p.method).needs_train_features or _needs_train_outputs(spec, p)
            for p in points):
         sets.append(TRAIN_EVAL)
-    return cache.ensure([(zero_shot_ref(spec, bench), sets)], "zero-shot model")
+    return zero_shot_ref(spec, bench), sets
 
 
-def _fine_tuned_features(spec: SweepSpec, trained: list[TrialPoint], checkpoints: dict[str, str],
-                         cache: FeatureCache, bench) -> dict[tuple[str, str], str]:
-    jobs = []
+def _features_before_training(spec: SweepSpec, points: list[TrialPoint], cache: FeatureCache,
+                              bench) -> dict[tuple[str, str], str]:
+    """The zero-shot features, now only when a method trains on them (LP, LP-FT);
+    otherwise they join the fitted models' job after training (one actor pool, not two)."""
+    if not any(get_method(p.method).needs_train_features for p in points):
+        return {}
+    return cache.ensure([_zero_shot_job(spec, points, bench)], "zero-shot model")
+
+
+def _features_after_training(spec: SweepSpec, points: list[TrialPoint], trained: list[TrialPoint],
+                             checkpoints: dict[str, str], cache: FeatureCache,
+                             bench) -> dict[tuple[str, str], str]:
+    jobs = [_zero_shot_job(spec, points, bench)]
     for point in trained:
         sets = list(bench.eval_sets()) + ([TRAIN_EVAL] if _needs_train_outputs(spec, point) else [])
         jobs.append((trial_ref(point.name, checkpoints[point.name]), sets))
-    return cache.ensure(jobs, f"{len(jobs)} fitted model(s)") if jobs else {}
+    return cache.ensure(jobs, f"zero-shot and {len(trained)} fitted model(s)")
 
 
 def _train_stage(sweep: Sweep, points: list[TrialPoint], feature_paths: dict) -> dict[str, str]:

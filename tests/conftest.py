@@ -113,3 +113,35 @@ def image_task_spec(root, **changes) -> dict:
     }
     spec.update(changes)
     return {k: v for k, v in spec.items() if v is not None}
+
+
+# The one full sweep most end-to-end tests read (a sweep costs ~30 s here): every kind
+# of method and ensemble on the tiny task, through the CLI, with --register.
+TINY = {"epochs": 2, "batch_size": 8, "warmup_steps": 1}
+SWEEP_METHODS = [{"name": "zeroshot"}, {"name": "lp", "lr": 1e-2, **TINY},
+                 {"name": "ft", "lr": 1e-3, **TINY, "grid": {"lr": [1e-3, 1e-4]}},
+                 {"name": "flyp", "lr": 1e-4, **TINY},
+                 {"name": "carot", "lr": 1e-4, **TINY, "ema_every": 2}]
+SWEEP_ENSEMBLES = [{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
+                   {"name": "ose", "alpha": [0.0, 0.5, 1.0]},
+                   {"name": "vrf", "a": [0.5, 1.5], "b": [0.6]}]
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(image_task, ray_local, tmp_path_factory):
+    """(CLI result, tracking URI, the sweep's journal folder)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = image_task_spec(image_task, name="e2e", storage_path=str(tmp / "runs"), method=None,
+                           grid=None, ensemble=None, methods=SWEEP_METHODS,
+                           ensembles=SWEEP_ENSEMBLES)
+    path = tmp / "e2e.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["sweep", str(path), "--register", "orch-e2e"],
+                                env={"MLFLOW_TRACKING_URI": uri})
+    folders = list((tmp / "runs").glob("*/sweep.json"))
+    return result, uri, folders[0].parent if folders else None

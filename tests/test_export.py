@@ -44,23 +44,11 @@ print(right / total)
 
 
 @pytest.fixture(scope="module")
-def sweep(image_task, ray_local, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    tiny = {"epochs": 2, "batch_size": 8, "warmup_steps": 1}
-    spec = image_task_spec(
-        image_task, name="export", storage_path=str(tmp / "runs"), method=None, grid=None,
-        ensemble=None, methods=[{"name": "ft", "lr": 1e-3, **tiny},
-                                {"name": "flyp", "lr": 1e-4, **tiny}],
-        ensembles=[{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
-                   {"name": "ose", "alpha": [0.0, 0.5, 1.0]}])
-    path = tmp / "export.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = CliRunner().invoke(main, ["sweep", str(path), "--register", "orch-export-test"],
-                                env={"MLFLOW_TRACKING_URI": uri})
+def sweep(finished_sweep, tmp_path_factory):
+    """The suite's full sweep (conftest): (its journal folder, tracking URI, a scratch dir)."""
+    result, uri, sweep_dir = finished_sweep
     assert result.exit_code == 0, result.output
-    (folder,) = (tmp / "runs").glob("*/sweep.json")
-    return folder.parent, uri, tmp
+    return sweep_dir, uri, tmp_path_factory.mktemp("export")
 
 
 def plain_accuracy(checkpoint, folder) -> float:
@@ -78,7 +66,8 @@ def rows(sweep_dir) -> list[dict]:
 @pytest.mark.parametrize("args, trial, ensemble, coefficients", [
     ((), None, None, None),                                    # the sweep's chosen point
     (("--trial", "flyp-00", "--alpha", "0.5"), "flyp-00", "wise_ft", {"alpha": 0.5}),
-    (("--trial", "ft-00", "--coeffs", "alpha=1.0"), "ft-00", "wise_ft", {"alpha": 1.0}),
+    (("--trial", "ft-00_lr=0.001", "--coeffs", "alpha=1.0"), "ft-00_lr=0.001", "wise_ft",
+     {"alpha": 1.0}),
 ])
 def test_export_reproduces_the_points_id_accuracy_without_orch(sweep, image_task, args, trial,
                                                                 ensemble, coefficients):
@@ -98,7 +87,7 @@ def test_export_reproduces_the_points_id_accuracy_without_orch(sweep, image_task
 
 def test_output_space_points_and_unknown_trials_are_clear_errors(sweep):
     sweep_dir, _, tmp = sweep
-    for args, words in ((("--trial", "ft-00", "--coeffs", "a=1,b=0.5"), "cannot be exported"),
+    for args, words in ((("--trial", "flyp-00", "--coeffs", "a=1,b=0.5"), "cannot be exported"),
                         (("--trial", "nope-00"), "no trial 'nope-00'"),
                         (("--alpha", "0.5"), "need --trial")):
         result = CliRunner().invoke(main, ["export", str(sweep_dir), str(tmp / "x.pt"), *args])
@@ -111,14 +100,14 @@ def test_the_chosen_model_is_logged_with_signature_and_registered(sweep, image_t
     import numpy as np
     sweep_dir, uri, _ = sweep
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("export")
+    experiment = client.get_experiment_by_name("e2e")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")
     mlflow.set_tracking_uri(uri)
     model_info = mlflow.models.get_model_info(f"runs:/{parent.info.run_id}/model")
     assert model_info.signature is not None and model_info.saved_input_example_info is not None
-    (version,) = client.search_model_versions("name='orch-export-test'")
+    (version,) = client.search_model_versions("name='orch-e2e'")
     assert version.run_id == parent.info.run_id
-    model = mlflow.pytorch.load_model(f"models:/orch-export-test/{version.version}")
+    model = mlflow.pytorch.load_model(f"models:/orch-e2e/{version.version}")
     example = np.zeros((1, 3, 32, 32), dtype=np.float32)
     assert model(__import__("torch").from_numpy(example)).shape == (1, len(TINY_CLASSES))
     # the logged model is the sweep's chosen single-model point
@@ -133,7 +122,7 @@ def test_a_sweep_can_ensemble_existing_checkpoints(sweep, image_task, tmp_path):
     sweep_dir, _, tmp = sweep
     exported = tmp_path / "ft.pt"
     assert CliRunner().invoke(main, ["export", str(sweep_dir), str(exported), "--trial",
-                                     "ft-00"]).exit_code == 0
+                                     "ft-00_lr=0.001"]).exit_code == 0
     spec = image_task_spec(image_task, name="existing", storage_path=str(tmp_path / "runs"),
                            method={"name": "checkpoint", "path": str(exported)}, grid=None,
                            ensemble=None, ensembles=[{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
@@ -149,6 +138,7 @@ def test_a_sweep_can_ensemble_existing_checkpoints(sweep, image_task, tmp_path):
         ("none", "{}"), ("wise_ft", '{"alpha": 0.0}'), ("wise_ft", '{"alpha": 0.5}'),
         ("wise_ft", '{"alpha": 1.0}'), ("ose", '{"alpha": 0.5}')}
     (alone,) = [r for r in points if r["ensemble"] == "none"]
-    (original,) = [r for r in rows(sweep_dir) if r["trial"] == "ft-00" and r["ensemble"] == "none"]
+    (original,) = [r for r in rows(sweep_dir)
+                   if r["trial"] == "ft-00_lr=0.001" and r["ensemble"] == "none"]
     assert alone["id_acc"] == pytest.approx(original["id_acc"])
     assert alone["id_nll"] == pytest.approx(original["id_nll"], rel=1e-4)

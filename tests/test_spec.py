@@ -123,15 +123,22 @@ def test_missing_sweep_file(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
-    import ray
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, GOOD)), "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "4 trial(s), 4 of them trained; 16 point(s) to evaluate" in result.output
-    assert "ensemble wise_ft (weights): alpha in [0, 0.5, 1]; 3 point(s) per trial" in result.output
-    assert "ft-03_lr=0.0003_seed=1" in result.output
-    assert not ray.is_initialized()
+def test_dry_run_prints_plan_and_starts_nothing(tmp_path):
+    """In a fresh process (this one may hold the suite's Ray): no Ray, no store, no folder."""
+    import subprocess
+    import sys
+    path = write(tmp_path, GOOD)
+    script = ("import sys, ray; from click.testing import CliRunner; "
+              "from orchestrator.cli import main; "
+              "r = CliRunner().invoke(main, ['sweep', sys.argv[1], '--dry-run']); "
+              "print(r.output); print('ray started:', ray.is_initialized()); sys.exit(r.exit_code)")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 trial(s), 4 of them trained; 16 point(s) to evaluate" in done.stdout
+    assert "ensemble wise_ft (weights): alpha in [0, 0.5, 1]; 3 point(s) per trial" in done.stdout
+    assert "ft-03_lr=0.0003_seed=1" in done.stdout
+    assert "ray started: False" in done.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 

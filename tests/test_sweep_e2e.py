@@ -31,84 +31,120 @@ def sweep_file(root, **changes):
     return path
 
 
-@pytest.fixture(scope="module")
-def finished_sweep(workspace, ray_local):
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    result = CliRunner().invoke(main, ["sweep", str(sweep_file(workspace))],
-                                env={"MLFLOW_TRACKING_URI": uri})
-    return result, uri
-
-
 def runs_by_kind(client, kind):
     experiment = client.get_experiment_by_name("e2e")
     return client.search_runs([experiment.experiment_id], f"tags.`orch.kind` = '{kind}'")
 
 
+TRAINED = ("lp-00", "ft-00_lr=0.001", "ft-01_lr=0.0001", "flyp-00", "carot-00")
+
+
 def test_sweep_succeeds_and_prints_table_and_mlflow_command(finished_sweep):
-    result, uri = finished_sweep
+    result, uri, _ = finished_sweep
     assert result.exit_code == 0, result.output
-    assert "method  ensemble  chosen point" in result.output
+    assert "chosen point" in result.output and "OOD ECE TS" in result.output
+    assert "registered the chosen model as 'orch-e2e', version 1" in result.output
+    assert "Successfully registered" not in result.output       # MLflow's own lines
     assert f"ui --backend-store-uri {uri}" in result.output
     assert "runs?workflowType=machine_learning" in result.output
 
 
-def test_mlflow_has_parent_and_children(finished_sweep):
-    _, uri = finished_sweep
+def test_mlflow_has_a_child_run_per_trial_and_point(finished_sweep):
+    """LP, FT (two learning rates), FLYP and CaRot with WiSE-FT, OSE and VRF: one child
+    run per point with its ensemble and coefficients as params, and the metrics of each."""
+    _, uri, _ = finished_sweep
     client = MlflowClient(uri)
     (parent,) = runs_by_kind(client, "sweep")
     assert parent.info.status == "FINISHED"
     evals, trains = runs_by_kind(client, "eval"), runs_by_kind(client, "train")
-    assert len(evals) == 2 * (1 + 3) and len(trains) == 2    # each trial alone + 3 alphas
+    assert sorted(r.info.run_name for r in trains) == sorted(TRAINED)   # zero-shot trains nothing
+    assert len(evals) == 1 + len(TRAINED) * (1 + 3 + 3 + 2)   # alone, WiSE, OSE, VRF
     for run in evals + trains:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.params["method"] == "ft" and "lr" in run.data.params
+    vrf = [r for r in evals if r.data.params["ensemble"] == "vrf"]
+    assert {(r.data.params["a"], r.data.params["b"]) for r in vrf} == {("0.5", "0.6"), ("1.5", "0.6")}
     for run in evals:
         m = run.data.metrics
-        assert run.data.params["ensemble"] in ("none", "wise_ft")
-        if run.data.params["ensemble"] == "wise_ft":
+        assert run.data.params["ensemble"] in ("none", "wise_ft", "ose", "vrf")
+        if run.data.params["ensemble"] in ("wise_ft", "ose"):
             assert float(run.data.params["alpha"]) in (0.0, 0.5, 1.0)
-        for key in ("id_acc", "ood_acc", "id_ece", "ood_ece", "id_nll", "id_ece_ts",
+        for key in ("id_acc", "ood_acc", "id_ece", "ood_ece", "id_nll", "id_ece_ts", "ood_ece_ts",
                     "sketch_acc", "sketch_ece", "objectnet_nll", "val_acc"):
             assert key in m and np.isfinite(m[key]), key
         assert m["ood_acc"] == pytest.approx((m["sketch_acc"] + m["objectnet_acc"]) / 2)
-    history = client.get_metric_history(trains[0].info.run_id, "train_loss")
+    for run in vrf:
+        assert run.data.metrics["vrf_zsf_size"] >= 0
+        assert "vrf_median_distance_id_test" in run.data.metrics
+    (ft,) = [r for r in trains if r.info.run_name == "ft-00_lr=0.001"]
+    history = client.get_metric_history(ft.info.run_id, "train_loss")
     assert [h.step for h in sorted(history, key=lambda h: h.step)] == [0, 1]
+    assert ft.data.params["method"] == "ft" and ft.data.params["lr"] == "0.001"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.png", "calibration.png", "reliability", "pareto.json", "pareto_front.json",
             "sweep.yaml"} <= artifacts
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "reliability")] == [
-        "reliability/ft.png"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "reliability")} == {
+        f"reliability/{m}.png" for m in ("zeroshot", "lp", "ft", "flyp", "carot")}
     assert parent.data.tags["orch.selected_run"] in {r.info.run_id for r in evals}
     assert "selected_val_acc" in parent.data.metrics
-    # one chosen point per (method, ensemble): ft alone and ft + wise_ft
-    assert sum(r.data.metrics["chosen"] for r in evals) == 2
+    # one chosen point per (method, ensemble)
+    assert sum(r.data.metrics["chosen"] for r in evals) == 1 + 4 * 4
+    names = {d.dataset.name for d in parent.inputs.dataset_inputs}     # the UI's Datasets column
+    assert names == {"id_val", "id_test", "sketch", "objectnet", "train"}
 
 
 def test_alpha_zero_is_the_same_zero_shot_model_for_every_trial(finished_sweep):
-    _, uri = finished_sweep
+    _, uri, _ = finished_sweep
     evals = runs_by_kind(MlflowClient(uri), "eval")
     wise = [r for r in evals if r.data.params["ensemble"] == "wise_ft"]
-    zero = [r.data.metrics for r in wise if float(r.data.params["alpha"]) == 0.0]
+    zero = [r.data.metrics["id_nll"] for r in wise if float(r.data.params["alpha"]) == 0.0]
+    (zero_shot,) = [r.data.metrics["id_nll"] for r in evals if r.data.params["method"] == "zeroshot"]
     one = {r.data.params["trial"]: r.data.metrics for r in wise
            if float(r.data.params["alpha"]) == 1.0}
     alone = {r.data.params["trial"]: r.data.metrics for r in evals
              if r.data.params["ensemble"] == "none"}
-    assert len(zero) == 2 and zero[0]["id_nll"] == zero[1]["id_nll"]
-    assert len(set(m["id_nll"] for m in one.values())) == 2   # two learning rates, two models
+    assert zero == [zero_shot] * len(TRAINED)
+    assert len(set(m["id_nll"] for m in one.values())) == len(TRAINED)
     for trial, metrics in one.items():                        # alpha 1 is the model alone
         assert metrics["id_nll"] == alone[trial]["id_nll"]
 
 
 def test_report_prints_the_last_sweep(finished_sweep):
-    _, uri = finished_sweep
+    _, uri, _ = finished_sweep
     result = CliRunner().invoke(main, ["report"], env={"MLFLOW_TRACKING_URI": uri})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[1].split()[:3] == ["method", "ensemble", "chosen"]
-    assert [line.split()[:2] for line in lines[3:]] == [["ft", "-"], ["ft", "wise_ft"]]
     assert "OOD ECE TS" in lines[1]
+    assert [line.split()[:2] for line in lines[3:]] == [["zeroshot", "-"]] + [
+        [m, e] for m in ("lp", "ft", "flyp", "carot") for e in ("-", "wise_ft", "ose", "vrf")]
     points = CliRunner().invoke(main, ["report", "--points"], env={"MLFLOW_TRACKING_URI": uri})
-    assert points.output.count("ft-0") == 8 and "<- chosen on ID val" in points.output
+    assert points.output.count("ft-0") == 2 * 9 and "<- chosen on ID val" in points.output
+
+
+def test_report_as_json_and_csv(finished_sweep):
+    import csv
+    import io
+    import json
+    _, uri, _ = finished_sweep
+    env = {"MLFLOW_TRACKING_URI": uri}
+    data = json.loads(CliRunner().invoke(main, ["report", "--json"], env=env).output)
+    assert data["status"] == "FINISHED" and len(data["points"]) == 1 + len(TRAINED) * 9
+    assert len(data["chosen"]) == 1 + 4 * 4
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(main, ["report", "--csv"],
+                                                              env=env).output)))
+    assert len(rows) == len(data["points"]) and {"alpha", "a", "b", "id_acc"} <= set(rows[0])
+    assert sum(r["chosen"] == "True" for r in rows) == len(data["chosen"])
+
+
+def test_compare_plots_two_fronts(finished_sweep, tmp_path):
+    _, uri, _ = finished_sweep
+    (parent,) = runs_by_kind(MlflowClient(uri), "sweep")
+    sweep_id = parent.data.tags["orch.sweep_id"]
+    result = CliRunner().invoke(main, ["compare", sweep_id, sweep_id, "--out",
+                                       str(tmp_path / "c.png")], env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert result.output.count(f"sweep {sweep_id} (FINISHED)") == 2
 
 
 def test_corrupt_image_fails_before_anything_starts(workspace, tmp_path):
@@ -176,7 +212,7 @@ def test_shrunken_toy_sweep_records_every_point(ray_local, toy_clip, tmp_path):
 
 
 def test_report_names_a_sweep_or_says_there_is_none(finished_sweep, tmp_path):
-    _, uri = finished_sweep
+    _, uri, _ = finished_sweep
     missing = CliRunner().invoke(main, ["report", "no-such-sweep"], env={"MLFLOW_TRACKING_URI": uri})
     assert missing.exit_code == 2 and "no sweep 'no-such-sweep'" in missing.output
     sweep_id = MlflowClient(uri).search_runs(
@@ -229,43 +265,6 @@ def test_ray_address_points_the_sweep_at_an_existing_cluster(workspace, tmp_path
         remote = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                 env={**base, "RAY_ADDRESS": cluster.address})
         assert remote.returncode == 0, remote.stdout + remote.stderr
-        assert "method  ensemble  chosen point" in remote.stdout
+        assert "chosen point" in remote.stdout
     finally:
         cluster.shutdown()
-
-
-def test_every_method_and_ensemble_in_one_sweep(workspace, ray_local, tmp_path):
-    """LP, FT, FLYP and CaRot with WiSE-FT, OSE and VRF on one sweep: one child run per
-    point, with the ensemble and its coefficients as params; a line per (method,
-    ensemble) in the report; VRF's own numbers recorded."""
-    tiny = {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3}
-    path = sweep_file(
-        workspace, name="e2e-all", storage_path=str(tmp_path / "runs"), method=None, grid=None,
-        ensemble=None, methods=[{"name": "zeroshot"}, {"name": "lp", **tiny},
-                                {"name": "ft", **tiny}, {"name": "flyp", **tiny},
-                                {"name": "carot", **tiny, "ema_every": 2}],
-        ensembles=[{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
-                   {"name": "ose", "alpha": [0.0, 0.5, 1.0]},
-                   {"name": "vrf", "a": [0.5, 1.5], "b": [0.6]}])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = CliRunner().invoke(main, ["sweep", str(path)], env={"MLFLOW_TRACKING_URI": uri})
-    assert result.exit_code == 0, result.output
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("e2e-all")
-    evals = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'eval'")
-    trains = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'train'")
-    assert len(trains) == 4                                  # zero-shot trains nothing
-    assert len(evals) == 1 + 4 * (1 + 3 + 3 + 2)
-    vrf = [r for r in evals if r.data.params["ensemble"] == "vrf"]
-    assert {(r.data.params["a"], r.data.params["b"]) for r in vrf} == {("0.5", "0.6"), ("1.5", "0.6")}
-    for run in vrf:
-        m = run.data.metrics
-        assert np.isfinite(m["ood_acc"]) and np.isfinite(m["ood_ece_ts"])
-        assert m["vrf_zsf_size"] >= 0 and "vrf_median_distance_id_test" in m
-    summary = [line.split()[:2] for line in result.output.splitlines()
-               if line.split()[:1] in (["zeroshot"], ["lp"], ["ft"], ["flyp"], ["carot"])]
-    assert summary == [["zeroshot", "-"]] + [[m, e] for m in ("lp", "ft", "flyp", "carot")
-                                             for e in ("-", "wise_ft", "ose", "vrf")]
-    parent = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")[0]
-    reliability = {a.path for a in client.list_artifacts(parent.info.run_id, "reliability")}
-    assert reliability == {f"reliability/{m}.png" for m in ("zeroshot", "lp", "ft", "flyp", "carot")}

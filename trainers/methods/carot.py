@@ -38,10 +38,9 @@ from torch import nn
 
 from trainers.methods import (HEAD, IMAGE_TOWER, TEXT_TOWER, FitContext, Fitted, Method,
                               StartPoint, register)
-from trainers.methods._common import check_fraction, optim_config
-from trainers.methods.flyp import (FLYPOptions, FLYPTask, classifier_from_clip,
-                                   contrastive_loss, gather_with_grad, prompt_tokens)
-from trainers.train_loop import train
+from trainers.methods._common import check_fraction
+from trainers.methods.flyp import (FLYPOptions, FLYPTask, contrastive_loss, fit_contrastive,
+                                   gather_with_grad)
 
 
 @dataclass(frozen=True)
@@ -167,12 +166,7 @@ class CaRotTask(FLYPTask):
 
 
 def fit(start: StartPoint, options: CaRotOptions, ctx: FitContext) -> Fitted:
-    torch.manual_seed(ctx.seed)
-    model = copy.deepcopy(start.clip.model).to(ctx.device)
-    model.visual.to(memory_format=torch.channels_last)
-    task = CaRotTask(model, prompt_tokens(start, ctx.device), options, ctx.seed)
-    train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, ctx.hooks)
-    return classifier_from_clip(start, model, ctx.device)
+    return fit_contrastive(start, options, ctx, CaRotTask)
 
 
 register(Method(name="carot", options=CaRotOptions, fit=fit,

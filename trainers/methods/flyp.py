@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.methods import (HEAD, IMAGE_TOWER, TEXT_TOWER, FitContext, Fitted, Method,
-                              StartPoint, freeze_batchnorm_statistics, rebuild_head, register,
-                              text_tower_state)
+                              StartPoint, rebuild_head, register, text_tower_state, train_mode)
 from trainers.methods._common import TrainOptions, optim_config
 from trainers.models import ImageClassifier
 from trainers.train_loop import train, world
@@ -79,9 +78,7 @@ class FLYPTask:
         return self.model.parameters()
 
     def train_mode(self) -> None:
-        self.model.train()
-        if self.options.freeze_bn_stats:
-            freeze_batchnorm_statistics(self.model)
+        train_mode(self.model, self.options.freeze_bn_stats)
 
     def captions(self, labels: torch.Tensor) -> torch.Tensor:
         """One random template per sample, filled with its class: tokens (B, L).
@@ -120,13 +117,19 @@ def classifier_from_clip(start: StartPoint, clip_model: nn.Module,
     return Fitted(ImageClassifier(clip_model.visual, head), text_tower_state(clip_model))
 
 
-def fit(start: StartPoint, options: FLYPOptions, ctx: FitContext) -> Fitted:
+def fit_contrastive(start: StartPoint, options: FLYPOptions, ctx: FitContext,
+                    task_class: type = None) -> Fitted:
+    """Train a copy of the whole CLIP with `task_class` (FLYP's task, or CaRot's)."""
     torch.manual_seed(ctx.seed)
     model = copy.deepcopy(start.clip.model).to(ctx.device)
     model.visual.to(memory_format=torch.channels_last)
-    task = FLYPTask(model, prompt_tokens(start, ctx.device), options, ctx.seed)
+    task = (task_class or FLYPTask)(model, prompt_tokens(start, ctx.device), options, ctx.seed)
     train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, ctx.hooks)
     return classifier_from_clip(start, model, ctx.device)
+
+
+def fit(start: StartPoint, options: FLYPOptions, ctx: FitContext) -> Fitted:
+    return fit_contrastive(start, options, ctx)
 
 
 register(Method(name="flyp", options=FLYPOptions, fit=fit,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.methods import (HEAD, IMAGE_TOWER, FitContext, Fitted, Method, StartPoint,
-                              freeze_batchnorm_statistics, register)
+                              register, train_mode)
 from trainers.methods._common import TrainOptions, check_fraction, optim_config
 from trainers.models import ImageClassifier
 from trainers.train_loop import Hooks, train
@@ -40,9 +40,7 @@ class FTTask:
         return self.model.parameters()
 
     def train_mode(self) -> None:
-        self.model.train()
-        if self.options.freeze_bn_stats:
-            freeze_batchnorm_statistics(self.model)
+        train_mode(self.model, self.options.freeze_bn_stats)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)  # (B, C)
