@@ -70,7 +70,7 @@ class SweepResult:
 def new_sweep_id(name: str) -> str:
     """Name, time to the second and a random suffix: two sweeps started in the same
     second never share an id (or a Tune folder)."""
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 def spec_params(spec: SweepSpec) -> dict:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import image_task_spec
+from orchestrator.cli import main
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -82,14 +84,25 @@ def error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("error:")]
 
 
-def test_ctrl_c_in_training_stops_marks_killed_and_resume_finishes(image_task, tmp_path):
+def test_a_bad_day_loses_nothing(image_task, tmp_path):
+    """One sweep of three trials through every interruption, each ending as it should:
+    Ctrl-C in training (exit 130, one line, parent KILLED, the stopped trial not recorded
+    as finished); SIGKILL of the resumed driver (the next `orch report` marks it KILLED,
+    no ghost); Ctrl-C in the next resume's evaluation (one line, no traceback); a last
+    resume that finishes. Finished trials are never trained again, MLflow ends with one
+    run per trial and per point, none RUNNING."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_sweep(image_task, tmp_path, "ctrlc", method=SLOW, grid={"lr": [1e-4, 2e-4]},
-                       ensemble={"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+    path = write_sweep(image_task, tmp_path, "badday", method=SLOW,
+                       grid={"lr": [1e-4, 2e-4, 3e-4]},
+                       ensemble={"name": "wise_ft", "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]},
                        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
     env = {"MLFLOW_TRACKING_URI": uri}
+
+    def kinds(runs, kind):
+        return {r.info.run_name: r for r in runs if r.data.tags.get("orch.kind") == kind}
+
+    # 1. Ctrl-C once the first trial finished and the second has a checkpoint
     proc = orch("sweep", str(path), env=env)
-    # after the first trial finished and the second has a checkpoint
     wait_for(lambda: journal_files(tmp_path, "trials") and journal_files(tmp_path, "checkpoints")
              and set(journal_files(tmp_path, "checkpoints")) - set(journal_files(tmp_path, "trials")),
              what="a finished trial and a checkpoint of the next")
@@ -98,85 +111,62 @@ def test_ctrl_c_in_training_stops_marks_killed_and_resume_finishes(image_task, t
     assert proc.returncode == 130, out
     (line,) = error_lines(out)
     assert "interrupted" in line and "--resume" in line and "Traceback" not in out
-    runs = assert_one_run_per_record_and_none_running(uri, "ctrlc")
-    (parent,) = [r for r in runs if r.data.tags.get("orch.kind") == "sweep"]
-    assert parent.info.status == "KILLED"
-    finished = set(journal_files(tmp_path, "trials"))
-    trains = {r.info.run_name: r for r in runs if r.data.tags.get("orch.kind") == "train"}
-    assert set(trains) == finished and all(r.info.status == "FINISHED" for r in trains.values())
-    assert not [r for r in runs if r.data.tags.get("orch.kind") == "eval"]
+    runs = assert_one_run_per_record_and_none_running(uri, "badday")
+    assert [r.info.status for r in kinds(runs, "sweep").values()] == ["KILLED"]
+    first = set(journal_files(tmp_path, "trials"))
+    trains = kinds(runs, "train")
+    assert set(trains) == first and all(r.info.status == "FINISHED" for r in trains.values())
+    assert not kinds(runs, "eval")
 
-    # the same command names the unfinished sweep; --resume finishes it without retraining
-    code, out = run("sweep", str(path), "--resume", env=env)
-    assert code == 0, out
-    assert f"({len(finished)} finished before)" in out
-    runs = assert_one_run_per_record_and_none_running(uri, "ctrlc")
-    (parent,) = [r for r in runs if r.data.tags.get("orch.kind") == "sweep"]
-    assert parent.info.status == "FINISHED"
-    assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 2,
-                                                                    "eval": 2 * 4}
-    for name in finished:                 # recorded once, by the first run: not retrained
-        record = json.loads((journal(tmp_path) / "trials" / f"{name}.json").read_text())
-        assert len(record["history"]) == 50
+    # 2. the same command names the unfinished sweep; resume it and kill it (SIGKILL of
+    # the driver and the Ray it started) once one more trial reached MLflow
+    out = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"]).output
+    assert "note: sweep badday-" in out and "did not finish" in out
+    proc = orch("sweep", str(path), "--resume", env=env, start_new_session=True)
+    wait_for(lambda: len(kinds([r for r in runs_of(uri, "badday") if r.info.status == "FINISHED"],
+                               "train")) > len(first), what="another trial in MLflow")
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert f"({len(first)} finished before)" in out
+    result = CliRunner().invoke(main, ["report"], env=env)
+    assert result.exit_code == 0 and "(KILLED)" in result.output and "--resume" in result.output
+    assert [r.info.status for r in kinds(runs_of(uri, "badday"), "sweep").values()] == ["KILLED"]
 
-
-def test_killed_driver_loses_nothing_and_leaves_no_ghost(image_task, tmp_path):
-    """SIGKILL during training, then Ctrl-C during the resumed sweep's evaluation, then a
-    second resume: nothing finished is redone or lost, no run is left RUNNING."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_sweep(image_task, tmp_path, "kill9", method=SLOW, grid={"lr": [1e-4, 2e-4]},
-                       ensemble={"name": "wise_ft",
-                                 "alphas": [round(0.1 * i, 1) for i in range(11)]},
-                       resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
-    env = {"MLFLOW_TRACKING_URI": uri}
-    proc = orch("sweep", str(path), env=env, start_new_session=True)
-
-    def first_trial_in_mlflow() -> bool:
-        # the finished trial reaches MLflow when it ends, not at the end of the stage
-        return journal_files(tmp_path, "trials") and any(
-            r.data.tags.get("orch.kind") == "train" and r.info.status == "FINISHED"
-            for r in runs_of(uri, "kill9"))
-
-    wait_for(first_trial_in_mlflow, what="a finished trial in MLflow")
-    os.killpg(proc.pid, signal.SIGKILL)           # the driver and the Ray it started
-    proc.communicate(timeout=60)
-    (finished,) = journal_files(tmp_path, "trials")
-
-    code, out = run("report", env=env)
-    assert code == 0 and "(KILLED)" in out and "--resume" in out, out
-    (parent,) = [r for r in runs_of(uri, "kill9") if r.data.tags.get("orch.kind") == "sweep"]
-    assert parent.info.status == "KILLED"                 # no ghost RUNNING parent
-
+    # 3. resume again, Ctrl-C during evaluation
     proc = orch("sweep", str(path), "--resume", env=env)
     wait_for(lambda: journal_files(tmp_path, "points"), what="a finished ensemble job")
-    proc.send_signal(signal.SIGINT)                       # Ctrl-C during evaluation
+    proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    assert "(1 finished before)" in out
     assert len(error_lines(out)) == 1 and "Traceback" not in out and "KeyError" not in out
-    assert_one_run_per_record_and_none_running(uri, "kill9")
+    assert_one_run_per_record_and_none_running(uri, "badday")
 
+    # 4. the last resume finishes
     code, out = run("sweep", str(path), "--resume", env=env)
     assert code == 0, out
-    runs = assert_one_run_per_record_and_none_running(uri, "kill9")
-    assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 2,
-                                                                    "eval": 2 * 12}
-    record = json.loads((journal(tmp_path) / "trials" / f"{finished}.json").read_text())
-    assert len(record["history"]) == 50                   # trained once, by the first run
+    runs = assert_one_run_per_record_and_none_running(uri, "badday")
+    assert [r.info.status for r in kinds(runs, "sweep").values()] == ["FINISHED"]
+    assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 3,
+                                                                    "eval": 3 * 6}
+    for name in journal_files(tmp_path, "trials"):        # each trained once, all epochs
+        record = json.loads((journal(tmp_path) / "trials" / f"{name}.json").read_text())
+        assert [row["epoch"] for row in record["history"]] == list(range(SLOW["epochs"]))
 
 
-def test_without_resume_an_unfinished_sweep_of_the_file_is_named(image_task, tmp_path):
+def test_resume_names_the_sweeps_it_could_continue(image_task, tmp_path):
     from orchestrator.journal import INTERRUPTED, Journal
     path = write_sweep(image_task, tmp_path, "note")
     Journal(str(tmp_path / "runs" / "note-20260101-000000-abcd")).update(
         sweep_id="note-20260101-000000-abcd", name="note", source_file=str(path),
         status=INTERRUPTED, created=1.0)
-    code, out = run("sweep", str(path), "--dry-run")
-    assert code == 0, out
-    assert "note: sweep note-20260101-000000-abcd of this file did not finish" in out
-    assert f"orch sweep {path} --resume" in out
-    code, out = run("sweep", str(path), "--resume", "no-such-id")
-    assert code == 2 and "no sweep 'no-such-id'" in out and "note-20260101-000000-abcd" in out
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "note: sweep note-20260101-000000-abcd of this file did not finish" in result.output
+    result = CliRunner().invoke(main, ["sweep", str(path), "--resume", "--dry-run"])
+    assert "would resume sweep note-20260101-000000-abcd" in result.output
+    result = CliRunner().invoke(main, ["sweep", str(path), "--resume", "no-such-id"])
+    assert result.exit_code == 2 and "no sweep 'no-such-id'" in result.output
+    assert "note-20260101-000000-abcd" in result.output
 
 
 def _mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
@@ -208,7 +198,8 @@ def test_tracking_server_down_mid_sweep_loses_nothing_and_sync_writes_it(image_t
     server = _mlflow_server(tmp_path / "server.db", tmp_path / "artifacts", port)
     try:
         wait_for(lambda: _up(uri), 90, "the tracking server")
-        path = write_sweep(image_task, tmp_path, "down", method=SLOW, grid={"lr": [1e-4, 2e-4]},
+        path = write_sweep(image_task, tmp_path, "down", method={**SLOW, "epochs": 5},
+                           grid={"lr": [1e-4, 2e-4]},
                            ensemble={"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
                            resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
         proc = orch("sweep", str(path), env={"MLFLOW_TRACKING_URI": uri})
