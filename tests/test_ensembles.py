@@ -519,7 +519,8 @@ def test_top_class_stats_exact_on_random_and_adversarial_rows():
     p0, p1 = z0.softmax(1), z1.softmax(1)
     w = torch.rand(n_points, n, generator=gen)
     w[:, :40] = 0.3 + 0.4 * torch.rand(n_points, 40, generator=gen)
-    conf, pred = mixture_mod._top_class_stats(p0, p1, w)
+    conf, pred = mixture_mod._top_class_stats(p0.log(), p1.log(), w)
+    p0, p1 = p0.log().exp(), p1.log().exp()       # the probabilities as the function sees them
     full = (1 - w[..., None]) * p0[None] + w[..., None] * p1[None]          # (P, N, K)
     assert torch.equal(conf, full.max(2).values)
     assert torch.equal(pred, full.argmax(2))
@@ -544,7 +545,8 @@ def test_mixture_with_few_classes_uses_all_of_them():
         p1 = torch.randn(50, k, generator=gen).softmax(1)
         w = torch.rand(3, 50, generator=gen)
         labels = torch.randint(0, k, (50,), generator=gen)
-        conf, pred = mixture_mod._top_class_stats(p0, p1, w)
+        conf, pred = mixture_mod._top_class_stats(p0.log(), p1.log(), w)
+        p0, p1 = p0.log().exp(), p1.log().exp()
         full = (1 - w[..., None]) * p0[None] + w[..., None] * p1[None]
         assert torch.equal(conf, full.max(2).values) and torch.equal(pred, full.argmax(2))
 
@@ -555,9 +557,9 @@ def test_mixture_chunking_does_not_change_results(monkeypatch):
     p1 = torch.randn(64, 30, generator=gen).softmax(1)
     w = torch.rand(3, 64, generator=gen)
     labels = torch.randint(0, 30, (64,), generator=gen)
-    whole = mixture_mod._top_class_stats(p0, p1, w)
+    whole = mixture_mod._top_class_stats(p0.log(), p1.log(), w)
     monkeypatch.setattr(mixture_mod, "_CHUNK", 3 * 2 * CANDIDATES * 5)     # 5 rows a chunk
-    chunked = mixture_mod._top_class_stats(p0, p1, w)
+    chunked = mixture_mod._top_class_stats(p0.log(), p1.log(), w)
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
 

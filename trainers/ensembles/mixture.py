@@ -31,7 +31,7 @@ from trainers.metrics import (confidence_temperature, ece_from_bins, fit_tempera
                               reliability_bins)
 
 CANDIDATES = 5                 # top-m classes of each member
-_CHUNK = 1 << 24               # (P, n, 2m) elements per chunk
+_CHUNK = 1 << 22               # (P, n, 2m) elements per chunk (cache-sized)
 
 
 def member_temperatures(zero_shot: MemberOutputs, fine_tuned: MemberOutputs) -> tuple[float, float]:
@@ -41,39 +41,42 @@ def member_temperatures(zero_shot: MemberOutputs, fine_tuned: MemberOutputs) -> 
                  for m in (zero_shot, fine_tuned))
 
 
-def _top_class_stats(p0: torch.Tensor, p1: torch.Tensor, w: torch.Tensor):
-    """Per (point, sample): (top probability, top class) of (1-w) p0 + w p1.
-    p0, p1 (N, K); w (P, N). Exact (see module doc); ties go to the lowest class."""
-    n, k = p0.shape
+def _top_class_stats(lp0: torch.Tensor, lp1: torch.Tensor, w: torch.Tensor):
+    """Per (point, sample): (top probability, top class) of (1-w) p0 + w p1, from the
+    members' log-probabilities lp0, lp1 (N, K); w (P, N). Exact (see module doc); ties go
+    to the lowest class. Only the candidates' probabilities are ever exponentiated."""
+    n, k = lp0.shape
     m = min(CANDIDATES, k)
     if m == k:
-        cand = torch.arange(k, device=p0.device).expand(n, k)
+        cand = torch.arange(k, device=lp0.device).expand(n, k)
         t0 = t1 = None
     else:
-        v0, i0 = p0.topk(m + 1, dim=1)
-        v1, i1 = p1.topk(m + 1, dim=1)
+        v0, i0 = lp0.topk(m + 1, dim=1)
+        v1, i1 = lp1.topk(m + 1, dim=1)
         # Sorted, so the first maximum is the lowest class index: ties break as argmax does.
         cand = torch.cat([i0[:, :m], i1[:, :m]], dim=1).sort(dim=1).values   # (N, 2m)
-        t0, t1 = v0[:, m], v1[:, m]                                           # (N,)
-    c0, c1 = p0.gather(1, cand), p1.gather(1, cand)               # (N, 2m)
+        t0, t1 = v0[:, m].exp(), v1[:, m].exp()                               # (N,)
+    c0, c1 = lp0.gather(1, cand).exp(), lp1.gather(1, cand).exp()   # (N, 2m)
+    step = c1 - c0
     conf = torch.empty_like(w)
     pred = torch.empty(w.shape, dtype=torch.long, device=w.device)
     rows = max(1, _CHUNK // (w.shape[0] * cand.shape[1]))
     for s in range(0, n, rows):
         sl = slice(s, s + rows)
-        ws = w[:, sl, None]
-        # (1-w) p0 + w p1, not p0 + w (p1 - p0): at w = 1 the latter loses a small p1
-        # next to a large p0 to cancellation.
-        mixed = (1 - ws) * c0[None, sl] + ws * c1[None, sl]        # (P, n, 2m)
-        arg = mixed.argmax(dim=2, keepdim=True)
-        conf[:, sl] = mixed.gather(2, arg)[..., 0]
-        pred[:, sl] = cand[sl].expand(w.shape[0], -1, -1).gather(2, arg)[..., 0]
+        # which candidate is on top: c0 + w (c1 - c0), one fused op over (P, n, 2m)
+        arg = torch.addcmul(c0[None, sl], w[:, sl, None], step[None, sl]).argmax(dim=2)
+        pick = arg[..., None]                                      # (P, n, 1)
+        top0 = c0[sl].expand(w.shape[0], -1, -1).gather(2, pick)[..., 0]
+        top1 = c1[sl].expand(w.shape[0], -1, -1).gather(2, pick)[..., 0]
+        # its probability as (1-w) p0 + w p1: exact at w = 0 and w = 1
+        conf[:, sl] = (1 - w[:, sl]) * top0 + w[:, sl] * top1
+        pred[:, sl] = cand[sl].expand(w.shape[0], -1, -1).gather(2, pick)[..., 0]
     if t0 is not None:
         bound = (1 - w) * t0[None, :] + w * t1[None, :]            # (P, N)
         unsure = (conf <= bound).nonzero(as_tuple=True)
         if unsure[0].numel():
             wu = w[unsure][:, None]
-            full = (1 - wu) * p0[unsure[1]] + wu * p1[unsure[1]]    # (u, K)
+            full = (1 - wu) * lp0[unsure[1]].exp() + wu * lp1[unsure[1]].exp()   # (u, K)
             pred[unsure] = full.argmax(dim=1)
             conf[unsure] = full.gather(1, pred[unsure][:, None])[:, 0]
     return conf, pred
@@ -113,7 +116,7 @@ def mixture_metrics(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, mixture
     for name, (lp0, lp1) in log_probs.items():
         labels = zero_shot.labels[name].to(lp0.device)
         w = mixture.weights[name].to(lp0.device).float()           # (P, N)
-        conf, pred = _top_class_stats(lp0.exp(), lp1.exp(), w)
+        conf, pred = _top_class_stats(lp0, lp1, w)
         correct = pred == labels[None, :]
         count, sum_conf, sum_correct = reliability_bins(conf, correct)   # (P, 15) each
         ece = ece_from_bins(count, sum_conf, sum_correct)
