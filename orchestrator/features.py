@@ -45,6 +45,7 @@ from orchestrator.spec import SweepSpec
 from trainers.cache import cache_dir, fingerprint
 
 FORMAT_VERSION = 1
+MODEL_MEMORY = 2 << 30     # bytes of models a feature actor keeps loaded
 MANIFEST = "_manifest.json"   # "_": pyarrow and pandas skip it when reading the folder
 ZERO_SHOT = "zeroshot"
 
@@ -313,13 +314,18 @@ class FeatureEncoder:
         self.starts = np.cumsum([0] + [n for *_, n in segments])
         self._load_fitted = load_fitted
         self._models: dict[str, torch.nn.Module] = {}
+        self._sizes: dict[str, int] = {}
 
     def _classifier(self, name: str, checkpoint: str | None) -> torch.nn.Module:
+        """Models stay loaded while they fit in MODEL_MEMORY (blocks of several models
+        reach each actor in turn); the oldest goes first."""
         if name not in self._models:
-            if len(self._models) >= 2:        # rows come grouped by model: keep two at most
-                self._models.pop(next(iter(self._models)))
-            self._models[name] = self._load_fitted(self.assets, checkpoint,
-                                                   self.device).classifier.eval()
+            model = self._load_fitted(self.assets, checkpoint, self.device).classifier.eval()
+            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            while self._models and size + sum(self._sizes.values()) > MODEL_MEMORY:
+                oldest = next(iter(self._models))
+                del self._models[oldest], self._sizes[oldest]
+            self._models[name], self._sizes[name] = model, size
         return self._models[name]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

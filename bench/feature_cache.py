@@ -1,0 +1,201 @@
+"""Benchmark: orch's Ray Data feature cache vs. a plain encode loop, side by side.
+
+Same toy world (`benchmark: {source: toyworld, eval_size: N, train_size: M}`), same toy
+CLIP zero-shot classifier (`model: {arch: toy}`, the cached one under ~/.cache/orch),
+same sets (every eval set plus `id_train` under evaluation preprocessing, as a sweep
+with VRF or LP caches them), same batch size:
+  orch  - `FeatureCache(spec, bench)` (fingerprints every dataset), `zero_shot_ref` (hashes
+          the model file) and `.ensure([(zero_shot_ref, sets)], ...)` on a fresh temporary
+          cache dir (spec `features.cache_dir`, removed at the end): one Ray Data
+          job, an actor pool of `features.actors` actors (default: as many as the cluster
+          fits, `cpus_per_actor` CPUs and threads each) encoding batches of row ids, then
+          Parquet files committed into cache entries. Its time INCLUDES the actor start-up
+          (each actor imports torch, loads the toy CLIP and the benchmark and builds the
+          zero-shot head: part of what orch costs) and the Parquet writes; it EXCLUDES Ray's
+          own start-up (`ray.init(num_cpus=os.cpu_count(), include_dashboard=False)`, done
+          before any timing).
+  plain - one process, `torch.set_num_threads(--threads)`, the model already loaded:
+          `trainers.evaluate.encode(zero_shot, dataset, device, batch_size)` for every set
+          (features, logits and labels kept in memory, nothing written). Loading the model
+          and benchmark and building the head is timed on its own and NOT in this figure.
+With `--models N` both sides encode N models (copies of the zero-shot classifier with
+their heads nudged apart, so each is its own cache entry), as a sweep's post-training
+feature stage does in one job; the plain loop then loads each model from its file
+(inside its figure, as the actors load them inside orch's).
+Target: orch >= 0.9x the plain loop's throughput, i.e. ratio (plain / orch time) >= 0.9.
+Also timed: a second `ensure()` on the now complete cache (the reuse path: manifests and
+Parquet footers checked, nothing encoded). Warm-up before timing: one plain batch, and
+one `ensure()` of a single small set on a separate throw-away cache dir (loads Ray
+Data and starts Ray's worker processes; the timed job still starts its own actors); the
+timer starts once the warm-up's actors have given back their CPUs/GPUs.
+Usage:
+  .venv/bin/python bench/feature_cache.py [--eval-size N] [--train-size M] [--batch-size 256]
+      [--actors A] [--cpus-per-actor 1] [--gpus-per-actor G] [--threads T] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # a local Ray for this process only
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_spec(args, cache: str, eval_size: int | None, train_size: int | None):
+    from orchestrator.spec import parse_spec
+    benchmark = {"source": "toyworld"}
+    if eval_size:
+        benchmark["eval_size"] = eval_size
+    if train_size:
+        benchmark["train_size"] = train_size
+    features = {"batch_size": args.batch_size, "cpus_per_actor": args.cpus_per_actor,
+                "gpus_per_actor": args.gpus_per_actor, "cache_dir": cache}
+    if args.actors:
+        features["actors"] = args.actors
+    return parse_spec({"name": "bench", "model": {"arch": "toy"}, "benchmark": benchmark,
+                       "method": {"name": "zeroshot"}, "features": features,
+                       "storage_path": cache})
+
+
+def wait_for_idle_cluster(ray, timeout: float = 60.0) -> float:
+    """Until the warm-up job's actors have released their CPUs/GPUs (their teardown is
+    asynchronous), so the timed job does not wait for them. Returns the seconds waited."""
+    start = time.perf_counter()
+    total = ray.cluster_resources()
+    while time.perf_counter() - start < timeout:
+        free = ray.available_resources()
+        if all(free.get(r, 0) >= total[r] for r in ("CPU", "GPU") if r in total):
+            break
+        time.sleep(0.1)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help="first N images of each eval set (default: all)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="first M training images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--actors", type=int, default=None,
+                        help="actor-pool size (default: orch's, as many as the cluster fits)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--gpus-per-actor", type=float, default=None,
+                        help="default: 1 with --device cuda, else 0")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the plain loop")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", type=int, default=1,
+                        help="models to encode in one job (a sweep's fitted models)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.gpus_per_actor is None:
+        args.gpus_per_actor = 1.0 if device.type == "cuda" else 0.0
+    torch.set_num_threads(args.threads)
+
+    import ray
+
+    from orchestrator.build import (Assets, feature_datasets, load_benchmark, load_fitted,
+                                    load_model, save_fitted, zero_shot)
+    from orchestrator.features import FeatureCache, trial_ref, zero_shot_ref
+    from trainers.evaluate import encode
+    from trainers.methods import Fitted, StartPoint
+
+    root = Path(tempfile.mkdtemp(prefix="orch-bench-features-"))
+    try:
+        spec = make_spec(args, str(root / "cache"), args.eval_size, args.train_size)
+
+        # plain: set-up (not in its figure), warm-up batch, then every set
+        start = time.perf_counter()
+        clip = load_model(spec.model, device=device)
+        bench = load_benchmark(spec.benchmark, clip)
+        classifier = zero_shot(clip, bench, device)
+        setup_s = time.perf_counter() - start
+        datasets = feature_datasets(bench)
+        sets = list(datasets)
+        n_images = sum(len(ds) for ds in datasets.values())
+        first = datasets[sets[0]]
+        encode(classifier, torch.utils.data.Subset(first, range(min(len(first), args.batch_size))),
+               device, args.batch_size)
+        files = []
+        if args.models > 1:                # N fitted-model files, as trials leave them
+            (root / "models").mkdir()
+            for i in range(args.models):
+                model = __import__("copy").deepcopy(classifier)
+                with torch.no_grad():
+                    model.head.weight.add_(1e-3 * i)
+                files.append(root / "models" / f"m{i}.pt")
+                save_fitted(Fitted(model), files[-1])
+        assets = Assets(clip, bench, StartPoint(clip, classifier, bench.classnames,
+                                                bench.templates))
+        start = time.perf_counter()
+        for path in files or [None]:
+            model = load_fitted(assets, str(path) if path else None, device).classifier
+            for ds in datasets.values():
+                encode(model, ds, device, args.batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        plain = time.perf_counter() - start
+        n_images *= max(1, len(files))
+
+        # orch: Ray up first (not timed), a warm-up job, then the timed ensure()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")
+        import ray.data  # noqa: F401  (configures its loggers on import; quiet them after)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        lines: list[str] = []
+        small = make_spec(args, str(root / "warmup"), args.batch_size, args.batch_size)
+        small_bench = load_benchmark(small.benchmark, clip)
+        FeatureCache(small, small_bench, lines.append).ensure(
+            [(zero_shot_ref(small, small_bench), ["id_val"])], "warm-up")
+        lines.clear()
+        idle_wait = wait_for_idle_cluster(ray)
+        start = time.perf_counter()
+        cache = FeatureCache(spec, bench, lines.append)     # fingerprints every dataset
+        refs = ([trial_ref(p.stem, str(p)) for p in files] if files   # hash the model files
+                else [zero_shot_ref(spec, bench)])
+        setup_orch = time.perf_counter() - start
+        paths = cache.ensure([(ref, sets) for ref in refs], f"{len(refs)} model(s)")
+        orch = time.perf_counter() - start
+        start = time.perf_counter()
+        again = cache.ensure([(ref, sets) for ref in refs], f"{len(refs)} model(s), again")
+        reuse = time.perf_counter() - start
+        assert again == paths and all(cache.is_complete(r, s) for r in refs for s in sets)
+        cluster = ray.cluster_resources()
+        ray.shutdown()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {args.threads} torch thread(s)")
+    actors = args.actors or "orch's default"
+    print(f"Feature cache, toy CLIP on the toy world: {max(1, len(files))} model(s) x "
+          f"{len(sets)} sets ({', '.join(sets)}), {n_images:,} images, batch {args.batch_size}; "
+          f"{os.cpu_count()} CPU(s)")
+    print(f"plain loop on {device.type} ({where}); orch: Ray with {cluster.get('CPU', 0):g} CPU(s)"
+          f"{', %g GPU(s)' % cluster['GPU'] if cluster.get('GPU') else ''}, actors {actors}, "
+          f"{args.cpus_per_actor:g} CPU / {args.gpus_per_actor:g} GPU per actor")
+    for line in lines:
+        print(f"  {line}")
+    print(f"  (waited {idle_wait:.1f} s after the warm-up for its actors to release the cluster)")
+    print(f"plain set-up (load model + benchmark, zero-shot head), in neither figure: {setup_s:.2f} s")
+    print(f"orch: {orch:.2f} s ({n_images / orch:,.0f} images/s, actor start-up included)   "
+          f"plain: {plain:.2f} s ({n_images / plain:,.0f} images/s)   "
+          f"ratio (plain/orch): {plain / orch:.2f}x   (target >= 0.9x)")
+    print(f"  orch figure includes {setup_orch:.2f} s of FeatureCache() and zero_shot_ref() "
+          f"(dataset and model fingerprints)")
+    print(f"orch reuse (second ensure, all {len(sets)} sets cached): {reuse:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
