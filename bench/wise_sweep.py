@@ -82,7 +82,7 @@ def main() -> None:
     from ray import tune
 
     from orchestrator.build import load_assets, save_fitted
-    from orchestrator.sweep import _init_ray, _tune
+    from orchestrator.sweep import _init_ray
     from orchestrator.trials import MODEL_FILE, ensemble_trial
     from trainers.ensembles.wise_ft import wise_ft
     from trainers.evaluate import evaluate, predict, summarize
@@ -124,17 +124,28 @@ def main() -> None:
         _init_ray(None, verbose=False)
         checkpoints = {point.name: str(checkpoint)}
 
-        def jobs(values):
-            return {"job": tune.grid_search([{"trial": point.name, "ensemble": "wise_ft",
+        def stage(values, stage_spec, name):
+            """The ensemble stage as `orch sweep` configures its Tuner (reused actors,
+            the spec's resources and concurrency), without MLflow records."""
+            r = stage_spec.resources
+            trainable = tune.with_resources(
+                tune.with_parameters(ensemble_trial, spec=stage_spec, checkpoints=checkpoints,
+                                     feature_paths={}),
+                {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+            jobs = {"job": tune.grid_search([{"trial": point.name, "ensemble": "wise_ft",
                                               "alpha": a} for a in values])}
+            return tune.Tuner(
+                trainable, param_space=jobs,
+                tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
+                                            reuse_actors=True),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"),
+                                          verbose=0)).fit()
 
         small = make_spec(args, alphas, 64, str(storage / "runs"))
-        warm = _tune(tune.with_parameters(ensemble_trial, spec=small, checkpoints=checkpoints,
-                                          feature_paths={}), jobs([0.5]), small, "warmup", False)
+        warm = stage([0.5], small, "warmup")
         assert not warm.errors, warm.errors
         start = time.perf_counter()
-        results = _tune(tune.with_parameters(ensemble_trial, spec=spec, checkpoints=checkpoints,
-                                             feature_paths={}), jobs(alphas), spec, "bench", False)
+        results = stage(alphas, spec, "bench")
         orch = time.perf_counter() - start
         assert not results.errors, results.errors
         cluster = ray.cluster_resources()
