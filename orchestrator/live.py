@@ -31,6 +31,7 @@ class LiveView:
         self.best: tuple[float, str] | None = None        # (ID val accuracy, point)
         self._started = self._last = 0.0
         self._shown = False
+        self._printed: tuple | None = None      # what the last plain line said
 
     # -- what happens ------------------------------------------------------------------
     def start(self, stage: str, total: int) -> None:
@@ -60,7 +61,8 @@ class LiveView:
     def finish(self) -> None:
         if self.stage is None:
             return
-        self._draw(force=True)
+        if self.tty or self._printed != self._state():    # a log gets no repeated last line
+            self._draw(force=True)
         if self.tty and self._shown:
             self.stream.write("\n")
             self.stream.flush()
@@ -80,10 +82,13 @@ class LiveView:
         finished = self.done + self.failed
         eta = (elapsed / finished * (self.total - finished)) if finished else None
         best = (f"best on ID val: {self.best[1]} ({100 * self.best[0]:.1f})"
-                if self.best else "best on ID val: -")
+                if self.best else "best on ID val: none yet")
         return (f"[{self.stage}] {self.done}/{self.total} done · {self.running} running · "
                 f"{self.failed} failed · {best} · elapsed {_duration(elapsed)}"
                 + (f" · ETA {_duration(eta)}" if eta is not None and finished < self.total else ""))
+
+    def _state(self) -> tuple:
+        return (self.stage, self.done, self.running, self.failed, self.best)
 
     def _draw(self, force: bool = False) -> None:
         if self.stage is None:
@@ -97,4 +102,4 @@ class LiveView:
             self._shown = True
         elif force or now - self._last >= self.every_s:
             print(self.line(), file=self.stream, flush=True)
-            self._last = now
+            self._last, self._printed = now, self._state()
