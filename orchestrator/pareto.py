@@ -132,13 +132,7 @@ def plot_pareto(rows: Sequence[dict], title: str):
                 zorder=0)
     ax.scatter([], [], s=130, facecolors="none", edgecolors="grey",
                label="chosen on ID validation")
-    ax.set_xlabel("ID accuracy (%)")
-    ax.set_ylabel("OOD accuracy, mean over shifts (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "ID accuracy (%)", title)
 
 
 def _by_trial_and_ensemble(rows: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
@@ -164,7 +158,13 @@ def plot_calibration(rows: Sequence[dict], title: str):
         best = rows[chosen[group]]
         ax.scatter([100 * best["ood_ece"]], [100 * best["ood_acc"]], s=110, facecolors="none",
                    edgecolors=colour, linewidths=1.5, zorder=5)
-    ax.set_xlabel("OOD ECE, mean over shifts (%)  - lower is better")
+    return _finish(fig, ax, "OOD ECE, mean over shifts (%)  - lower is better", title)
+
+
+def _finish(fig, ax, xlabel: str, title: str):
+    """Labels, grid and a legend outside the axes (a curve per method x ensemble is
+    too many to sit on the data)."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("OOD accuracy, mean over shifts (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -498,15 +498,21 @@ def _parse_methods(raw: dict) -> tuple[MethodEntry, ...]:
     return tuple(entries)
 
 
-def _parse_method_entry(data: Any, path: str, grid_path: str | None = None) -> MethodEntry:
+def _entry_name(data: Any, path: str, kind: str, registry) -> str:
+    """The registered `name` of a method or ensemble entry."""
     if not isinstance(data, dict):
         raise SpecError(path, "expected a mapping with at least 'name'")
     if "name" not in data:
         raise SpecError(f"{path}.name", "required key is missing")
     name = coerce(data["name"], str, f"{path}.name")
-    if name not in METHODS:
-        raise SpecError(f"{path}.name", f"unknown method {name!r} (known: "
-                                        f"{', '.join(sorted(METHODS))})")
+    if name not in registry:
+        raise SpecError(f"{path}.name", f"unknown {kind} {name!r} (known: "
+                                        f"{', '.join(sorted(registry))})")
+    return name
+
+
+def _parse_method_entry(data: Any, path: str, grid_path: str | None = None) -> MethodEntry:
+    name = _entry_name(data, path, "method", METHODS)
     label = coerce(data.get("label", name), str, f"{path}.label")
     if not label or not all(c.isalnum() or c in "-_" for c in label):
         raise SpecError(f"{path}.label", f"use letters, digits, '-' or '_', got {label!r}")
@@ -580,14 +586,7 @@ def _parse_ensembles(raw: dict, methods: tuple[MethodEntry, ...]) -> tuple[Ensem
 
 
 def _parse_ensemble_entry(data: Any, path: str, methods: tuple[MethodEntry, ...]) -> EnsembleEntry:
-    if not isinstance(data, dict):
-        raise SpecError(path, "expected a mapping with at least 'name'")
-    if "name" not in data:
-        raise SpecError(f"{path}.name", "required key is missing")
-    name = coerce(data["name"], str, f"{path}.name")
-    if name not in ENSEMBLES:
-        raise SpecError(f"{path}.name", f"unknown ensemble {name!r} (known: "
-                                        f"{', '.join(sorted(ENSEMBLES))})")
+    name = _entry_name(data, path, "ensemble", ENSEMBLES)
     ensemble = get_ensemble(name)
     fields = {k: v for k, v in data.items() if k not in ("name", "methods")}
     if "alphas" in fields and "alpha" in ensemble.coefficients and "alpha" not in fields:

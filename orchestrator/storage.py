@@ -105,28 +105,26 @@ def read_json(path: str) -> Any | None:
 
 def list_json(folder: str) -> list[str]:
     """Paths of the .json files directly in `folder` (none if it does not exist)."""
-    try:
-        if is_uri(folder):
-            import pyarrow.fs
-            fs, key = _fs(folder)
-            infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
-            return sorted(join(folder, Path(i.path).name) for i in infos
-                          if i.path.endswith(".json"))
-        return sorted(str(p) for p in Path(folder).glob("*.json"))
-    except OSError:
-        return []
+    return _list(folder, dirs=False)
 
 
 def list_dirs(folder: str) -> list[str]:
     """Paths of the folders directly in `folder` (none if it does not exist)."""
+    return _list(folder, dirs=True)
+
+
+def _list(folder: str, dirs: bool) -> list[str]:
     try:
         if is_uri(folder):
             import pyarrow.fs
             fs, key = _fs(folder)
             infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
             return sorted(join(folder, Path(i.path).name) for i in infos
-                          if i.type == pyarrow.fs.FileType.Directory)
-        return sorted(str(p) for p in Path(folder).iterdir() if p.is_dir())
+                          if (i.type == pyarrow.fs.FileType.Directory) == dirs
+                          and (dirs or i.path.endswith(".json")))
+        local = Path(folder)
+        return sorted(str(p) for p in (local.iterdir() if dirs else local.glob("*.json"))
+                      if p.is_dir() == dirs)
     except OSError:
         return []
 
