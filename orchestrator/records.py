@@ -7,6 +7,7 @@ Only the driver writes (SQLite takes one writer at a time), through
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -52,8 +53,12 @@ def _params(values: Mapping[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
+    # an unreachable server: the OS's reason, not urllib3's nested retry message
+    refused = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
+    if refused and "Max retries exceeded" in text:
+        return f"cannot connect ({refused.group(0)})"
     return text.splitlines()[0] if text else type(err).__name__
 
 
@@ -97,7 +102,7 @@ class SweepRecords:
                 self._open_experiment(None)
         except Exception as err:  # MlflowException, connection errors, sqlite errors
             raise TrackingError(f"cannot use MLflow tracking store {self.uri}: "
-                                f"{_first_line(err)}") from None
+                                f"{first_line(err)}") from None
         return self
 
     def _open_experiment(self, db: Path | None) -> None:
@@ -133,7 +138,7 @@ class SweepRecords:
                 self.client.log_text(self.parent_id, spec_text, "sweep.yaml")
         except Exception as err:
             raise TrackingError(f"cannot write to MLflow tracking store {self.uri}: "
-                                f"{_first_line(err)}") from None
+                                f"{first_line(err)}") from None
         return self.parent_id
 
     def _exists(self, run_id: str) -> bool:
@@ -151,7 +156,7 @@ class SweepRecords:
         try:
             return what()
         except Exception as err:
-            self.failed = _first_line(err)
+            self.failed = first_line(err)
             self.echo(f"MLflow: cannot write to {self.uri} ({self.failed}); the sweep goes "
                       f"on and keeps its results{self.sync_hint}")
             return None

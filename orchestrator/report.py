@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_of,
                                  select_on_validation)
-from orchestrator.records import KIND_TAG, SWEEP_TAG, TrackingError
+from orchestrator.records import KIND_TAG, SWEEP_TAG, TrackingError, first_line
 
 
 class ReportError(RuntimeError):
@@ -130,8 +130,7 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
         experiments = client.search_experiments()
     except Exception as err:
         raise TrackingError(f"cannot use MLflow tracking store {tracking_uri}: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") \
-            from None
+                            f"{first_line(err)}") from None
     ids = [e.experiment_id for e in experiments]
     names = {e.experiment_id: e.name for e in experiments}
     filter_ = f"tags.`{KIND_TAG}` = 'sweep'"

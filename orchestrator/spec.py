@@ -360,7 +360,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (),
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SpecError("", f"{path}: not valid YAML{where}: "
+        raise SpecError("", f"not valid YAML{where}: "
                             f"{getattr(err, 'problem', None) or err}") from None
     if overrides:
         raw = apply_overrides(raw, overrides)
@@ -442,6 +442,9 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
     if not (features.cache_dir and is_uri(features.cache_dir)):
         features = _absolute_paths(features, ("cache_dir",))
     storage = os.path.expandvars(coerce(raw.get("storage_path", "runs"), str, "storage_path"))
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:(?!//)", storage):    # `s3:/b`, not `C:\\`
+        raise SpecError("storage_path", f"{storage!r} looks like a bucket URI but lacks "
+                                        "'//' (e.g. s3://bucket/prefix)")
     if is_uri(storage):
         problem = check_uri(storage)
         if problem:

@@ -237,6 +237,18 @@ def test_tracking_server_down_mid_sweep_loses_nothing_and_sync_writes_it(image_t
         os.killpg(server.pid, signal.SIGKILL)
 
 
+def test_an_unreachable_tracking_server_is_one_line_before_anything_starts(image_task, tmp_path):
+    port = _free_port()                       # nothing listens there
+    for args in (["sweep", str(write_sweep(image_task, tmp_path, "nowhere"))], ["report"]):
+        result = CliRunner().invoke(main, args, env={
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+        assert result.exit_code != 0
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: cannot use MLflow tracking store") and \
+            "Connection refused" in line and len(line) < 200, line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sweep_ids_never_collide():
     from orchestrator.sweep import new_sweep_id
     ids = {new_sweep_id("same") for _ in range(50)}

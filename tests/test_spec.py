@@ -286,6 +286,7 @@ def test_no_ensembles_at_all_is_allowed(tmp_path):
     ("/proc/orch-runs", "storage_path"),            # cannot be created
     ("ftp://host/runs", "unsupported storage scheme"),
     ("s3:///runs", "names no bucket"),
+    ("s3:/bucket/runs", "lacks '//'"),               # would be a local folder ./s3:/bucket
 ])
 def test_storage_that_cannot_be_used_fails_the_dry_run(tmp_path, storage, words):
     result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, with_({"storage_path": storage}))),
