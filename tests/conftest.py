@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before ray is imported anywhere: no token auth, no usage stats, quiet Tune.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -17,6 +18,36 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _clone_entries() -> set[str] | None:
+    """What `git status` lists in the clone, ignored files included (None: not a clone)."""
+    import subprocess
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return {line[3:] for line in done.stdout.splitlines()
+            if "__pycache__" not in line and ".pytest_cache" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clone_stays_clean(tmp_path_factory):
+    """Every test runs in a temporary working folder (so a default `runs/`, `mlflow.db`
+    or `mlruns/` lands there), and the session fails if the clone gained any file."""
+    before = _clone_entries()
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(cwd)
+    after = _clone_entries()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the test session left files in the clone: {sorted(after - before)}")
 
 
 @pytest.fixture(scope="session")

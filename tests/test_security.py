@@ -333,7 +333,7 @@ def sweep_ray(tmp_path: Path, auth_mode: str | None):
     stderr = (tmp_path / "ray-child.err").open("w")
     child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-                             cwd=Path(__file__).resolve().parents[1])
+                             cwd=tmp_path)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in child.stdout], daemon=True).start()
     pids: list[int] = []
