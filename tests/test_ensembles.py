@@ -362,10 +362,11 @@ def test_fine_tuned_endpoint_keeps_small_label_probabilities(name):
         assert got[s]["nll_ts"] == pytest.approx(ref[s]["nll_ts"], rel=1e-5), (s, "nll_ts")
 
 
-def test_zero_shot_endpoint_breaks_ties_like_argmax():
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_endpoints_break_ties_like_argmax(alpha):
     """Logits that went through bfloat16 (autocast on a GPU) tie often. metrics predicts
-    argmax, ties -> lowest class index; the mixture at alpha = 0 must count the same
-    samples as correct, or OSE(0) differs from the zero-shot model."""
+    argmax, ties -> lowest class index; the mixture at alpha = 0 (1) must count the same
+    samples as correct, or OSE(0) differs from the zero-shot (fine-tuned) model."""
     c, n = 50, 400
     gen = torch.Generator().manual_seed(9)
     eval_sets = {ID_VAL: identity_set(ID_VAL, c), "id_test": identity_set("id_test", c)}
@@ -377,11 +378,12 @@ def test_zero_shot_endpoint_breaks_ties_like_argmax():
         z[torch.arange(n), other] = z[torch.arange(n), top]         # a two-way tie
         logits[name] = z
         labels[name] = torch.minimum(top, other)       # the lowest tied index: "correct"
-    zs = MemberOutputs(logits, labels)
-    ft = MemberOutputs({k: torch.randn(n, c, generator=gen) for k in logits}, labels)
+    tied = MemberOutputs(logits, labels)
+    other_member = MemberOutputs({k: torch.randn(n, c, generator=gen) for k in logits}, labels)
+    zs, ft = (tied, other_member) if alpha == 0.0 else (other_member, tied)
     ref = evaluate_logits(logits, labels, eval_sets)
     assert ref["id_test"]["acc"] == 1.0
-    options = REGISTRY["ose"].options(alpha=(0.0,))
+    options = REGISTRY["ose"].options(alpha=(alpha,))
     mixture = REGISTRY["ose"].mix(zs, ft, options, REGISTRY["ose"].points(options),
                                   list(eval_sets))
     got = mixture_metrics(zs, ft, mixture, eval_sets, with_ts=False)[0]

@@ -57,18 +57,18 @@ def _top_class_stats(lp0: torch.Tensor, lp1: torch.Tensor, w: torch.Tensor):
         cand = torch.cat([i0[:, :m], i1[:, :m]], dim=1).sort(dim=1).values   # (N, 2m)
         t0, t1 = v0[:, m].exp(), v1[:, m].exp()                               # (N,)
     c0, c1 = lp0.gather(1, cand).exp(), lp1.gather(1, cand).exp()   # (N, 2m)
-    step = c1 - c0
     conf = torch.empty_like(w)
     pred = torch.empty(w.shape, dtype=torch.long, device=w.device)
     rows = max(1, _CHUNK // (w.shape[0] * cand.shape[1]))
     for s in range(0, n, rows):
         sl = slice(s, s + rows)
-        # which candidate is on top: c0 + w (c1 - c0), one fused op over (P, n, 2m)
-        arg = torch.addcmul(c0[None, sl], w[:, sl, None], step[None, sl]).argmax(dim=2)
+        # which candidate is on top: one fused op over (P, n, 2m). lerp is exact at both
+        # ends (w = 1 gives c1 itself; c0 + w (c1 - c0) does not), so a tie at an
+        # endpoint goes to the lowest class, as the member's own argmax does
+        arg = torch.lerp(c0[None, sl], c1[None, sl], w[:, sl, None]).argmax(dim=2)
         pick = arg[..., None]                                      # (P, n, 1)
         top0 = c0[sl].expand(w.shape[0], -1, -1).gather(2, pick)[..., 0]
         top1 = c1[sl].expand(w.shape[0], -1, -1).gather(2, pick)[..., 0]
-        # its probability as (1-w) p0 + w p1: exact at w = 0 and w = 1
         conf[:, sl] = (1 - w[:, sl]) * top0 + w[:, sl] * top1
         pred[:, sl] = cand[sl].expand(w.shape[0], -1, -1).gather(2, pick)[..., 0]
     if t0 is not None:
