@@ -250,7 +250,9 @@ class SweepSpec:
         points: list[TrialPoint] = []
         for entry in self.methods:
             for i, (hparams, options, seed) in enumerate(entry.points()):
-                label = "_".join(f"{k}={v}" for k, v in hparams.items())
+                # names become file and folder names: a path value (`checkpoint`'s grid
+                # over `path`) keeps its file name only; the index keeps names unique
+                label = "_".join(f"{k}={_name_part(v)}" for k, v in hparams.items())
                 name = f"{entry.label}-{i:02d}" + (f"_{label}" if label else "")
                 points.append(TrialPoint(len(points), name, entry.label, entry.method, options,
                                          seed, hparams))
@@ -499,6 +501,11 @@ def _parse_methods(raw: dict) -> tuple[MethodEntry, ...]:
             raise SpecError(f"methods[{i}].label", f"two entries are called {label!r}: give "
                                                    "each a distinct `label:`")
     return tuple(entries)
+
+
+def _name_part(value: Any) -> str:
+    text = Path(value).name if isinstance(value, str) and "/" in value else str(value)
+    return re.sub(r"[^A-Za-z0-9.+=-]", "_", text)
 
 
 def _entry_name(data: Any, path: str, kind: str, registry) -> str:

@@ -360,3 +360,17 @@ def test_bad_overrides_are_one_line_naming_the_field(tmp_path, override, field, 
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert words in line and (not field or f"{field}:" in line), line
+
+
+def test_trial_names_are_safe_file_names_even_for_a_grid_over_paths(tmp_path):
+    """Trial names name journal files and Ray Train folders: a checkpoint path in the
+    grid keeps its file name only, and the index keeps the names apart."""
+    (tmp_path / "a").mkdir()
+    files = [tmp_path / "a" / "ft.pt", tmp_path / "ft.pt"]
+    for f in files:
+        f.write_bytes(b"")
+    spec = load_spec(write(tmp_path, _multi(methods=[
+        {"name": "checkpoint", "path": str(files[0]),
+         "grid": {"path": [str(f) for f in files]}}], ensembles=[{"name": "wise_ft"}])))
+    names = [p.name for p in spec.trials()]
+    assert names == ["checkpoint-00_path=ft.pt", "checkpoint-01_path=ft.pt"]
