@@ -32,10 +32,21 @@ class Interrupted(UserError):
     exit_code = 130
 
 
-def _fail(err: BaseException, verbose: bool, cls=UserError):
-    if verbose:
+def _fail(err: BaseException | str, verbose: bool, cls=UserError):
+    """One line and cls's exit code (-v: the exception itself, with its traceback)."""
+    if verbose and isinstance(err, BaseException):
         raise err
     raise cls(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
+def _unexpected(err: BaseException, verbose: bool):
+    """An error no check foresaw (a storage or MLflow failure surfacing late): still one
+    line and exit 1; -v shows the traceback."""
+    if verbose:
+        raise err
+    text = str(err).strip()
+    raise RunError(f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+                   " (run with -v for the traceback)") from None
 
 
 BIG_SWEEP = 1000      # training trials above which `orch sweep` asks for --yes
@@ -175,11 +186,8 @@ def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> No
         _fail(err, verbose)
     except SweepError as err:
         _fail(err, verbose, RunError)
-    except Exception as err:  # a storage or MLflow error surfacing elsewhere: still one line
-        if verbose:
-            raise
-        raise RunError(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-                       " (run with -v for the traceback)") from None
+    except Exception as err:
+        _unexpected(err, verbose)
     click.echo("")
     click.echo(format_summary(result.rows))
     click.echo("")
@@ -277,6 +285,8 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
         found = load_sweep(uri, sweep_id)
     except (TrackingError, ReportError) as err:
         _fail(err, ctx.obj["verbose"])
+    except Exception as err:
+        _unexpected(err, ctx.obj["verbose"])
     if as_json:
         click.echo(to_json(found))
         return
@@ -307,9 +317,13 @@ def compare(ctx: click.Context, sweep_a: str, sweep_b: str, tracking_uri: str | 
     uri = tracking_uri or default_tracking_uri()
     try:
         found = [load_sweep(uri, sweep_a), load_sweep(uri, sweep_b)]
+        click.echo(compare_sweeps(found, out))
     except (TrackingError, ReportError) as err:
         _fail(err, ctx.obj["verbose"])
-    click.echo(compare_sweeps(found, out))
+    except OSError as err:
+        _fail(f"--out {out}: {err.strerror or err}", ctx.obj["verbose"])
+    except Exception as err:
+        _unexpected(err, ctx.obj["verbose"])
 
 
 @main.command()
@@ -343,6 +357,10 @@ def export(ctx: click.Context, sweep: str, out: str, trial: str | None, alpha: f
         click.echo(export_sweep(sweep, storage_path, Path(out), trial, coefficients))
     except ExportError as err:
         _fail(err, ctx.obj["verbose"])
+    except OSError as err:
+        _fail(f"{out}: {err.strerror or err}", ctx.obj["verbose"], RunError)
+    except Exception as err:
+        _unexpected(err, ctx.obj["verbose"])
 
 
 @main.command()
@@ -376,6 +394,8 @@ def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | 
         summary = sync_sweep(sweep, storage_path, tracking_uri, echo=click.echo, force=force)
     except (SyncError, TrackingError) as err:
         _fail(err, verbose)
+    except Exception as err:
+        _unexpected(err, verbose)
     click.echo(summary)
 
 

@@ -176,6 +176,10 @@ def export_sweep(sweep: str, storage_path: str, out: Path, trial: str | None = N
     record = journal.trials().get(trial)
     if not points or (record is None and any(p.trained for p in points if p.name == trial)):
         raise ExportError(f"trial {trial} of sweep {journal.sweep_id} has not finished")
+    if record is not None and (record.get("status", "ok") != "ok" or not record.get("model")) \
+            and any(p.trained for p in points if p.name == trial):
+        raise ExportError(f"trial {trial} of sweep {journal.sweep_id} failed: it has no model "
+                          f"({record.get('error') or record.get('status')})")
     device = torch.device("cpu")
     assets = load_assets(spec, device)
     fitted = load_fitted(assets, record["model"] if record else None, device)
@@ -193,8 +197,10 @@ def _weight_ensemble_for(coefficients: dict[str, float]) -> str:
     from trainers.ensembles import REGISTRY
     for name, ensemble in REGISTRY.items():
         if ensemble.mixes == WEIGHTS and set(ensemble.coefficients) == set(coefficients):
-            options = ensemble.options(**{k: (v,) for k, v in coefficients.items()})  # checks range
-            del options
+            try:                                # the ensemble's own range checks
+                ensemble.options(**{k: (v,) for k, v in coefficients.items()})
+            except ValueError as err:
+                raise ExportError(f"{name}: {err}") from None
             return name
     names = ", ".join(sorted(coefficients))
     raise ExportError(f"no weight-space ensemble takes the coefficients {names} "

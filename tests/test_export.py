@@ -89,10 +89,34 @@ def test_output_space_points_and_unknown_trials_are_clear_errors(sweep):
     sweep_dir, _, tmp = sweep
     for args, words in ((("--trial", "flyp-00", "--coeffs", "a=1,b=0.5"), "cannot be exported"),
                         (("--trial", "nope-00"), "no trial 'nope-00'"),
-                        (("--alpha", "0.5"), "need --trial")):
+                        (("--alpha", "0.5"), "need --trial"),
+                        (("--trial", "flyp-00", "--alpha", "2"), "wise_ft:")):
         result = CliRunner().invoke(main, ["export", str(sweep_dir), str(tmp / "x.pt"), *args])
         assert result.exit_code == 2 and words in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_failed_trial_is_not_exported_as_the_zero_shot_model(sweep):
+    import shutil
+    sweep_dir, _, tmp = sweep
+    copy = tmp / "failed-copy"
+    shutil.copytree(sweep_dir, copy)
+    record_file = copy / "trials" / "flyp-00.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "status": "failed", "model": None,
+                                       "error": "NaN loss"}))
+    result = CliRunner().invoke(main, ["export", str(copy), str(tmp / "f.pt"),
+                                       "--trial", "flyp-00"])
+    assert result.exit_code == 2 and "failed" in result.output and "NaN loss" in result.output
+    assert not (tmp / "f.pt").exists()
+
+
+def test_an_unwritable_output_is_one_line(sweep):
+    sweep_dir, _, tmp = sweep
+    result = CliRunner().invoke(main, ["export", str(sweep_dir), "/proc/nope/model.pt"])
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: /proc/nope/model.pt")
 
 
 def test_the_chosen_model_is_logged_with_signature_and_registered(sweep, image_task):
