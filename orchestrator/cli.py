@@ -152,7 +152,7 @@ def _journal_to_resume(spec, sweep_file: str, resume: str | None):
         waiting = unfinished(spec.storage_path, spec.name, source, text)
         if not waiting:
             raise UserError(f"{sweep_file}: no unfinished sweep of this file in {spec.storage_path}")
-        return waiting[-1]
+        return _same_file(waiting[-1], spec, sweep_file)
     journal = open_journal(spec.storage_path, resume)
     meta = journal.meta()
     if not meta:
@@ -163,7 +163,38 @@ def _journal_to_resume(spec, sweep_file: str, resume: str | None):
         raise UserError(f"{sweep_file}: sweep {resume} already finished (`orch report {resume}`)")
     if meta.get("name") != spec.name:
         raise UserError(f"{sweep_file}: sweep {resume} ran {meta.get('name')!r}, not {spec.name!r}")
+    return _same_file(journal, spec, sweep_file)
+
+
+def _same_file(journal, spec, sweep_file: str):
+    """A resumed sweep runs the settings (file and overrides) it started with: finished
+    trials of an edited file would be reused under their old settings. Comments and
+    layout may change."""
+    import yaml
+    before = journal.spec_text()
+    if before is None or not spec.text:
+        return journal
+    old, new = _flat(yaml.safe_load(before)), _flat(yaml.safe_load(spec.text))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        key = changed[0]
+        raise UserError(f"{sweep_file}: sweep {journal.sweep_id} ran other settings ({key} "
+                        f"was {old.get(key, '(unset)')!r}, is {new.get(key, '(unset)')!r}"
+                        f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
+                        "resume it with the file and overrides it started with, or start a "
+                        "new sweep")
     return journal
+
+
+def _flat(data, prefix: str = "") -> dict:
+    """{"method.lr": 1e-4, ...} of a parsed sweep file."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items()
+                for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(data, list) and any(isinstance(x, dict) for x in data):
+        return {k: v for i, value in enumerate(data)
+                for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): data}
 
 
 def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> None:

@@ -167,6 +167,23 @@ def test_resume_names_the_sweeps_it_could_continue(image_task, tmp_path):
     result = CliRunner().invoke(main, ["sweep", str(path), "--resume", "no-such-id"])
     assert result.exit_code == 2 and "no sweep 'no-such-id'" in result.output
     assert "note-20260101-000000-abcd" in result.output
+    # a file edited since: its finished trials would be reused under the old settings
+    (tmp_path / "runs" / "note-20260101-000000-abcd" / "sweep.yaml").write_text(path.read_text())
+    path.write_text("# a comment changes nothing\n" + path.read_text())
+    result = CliRunner().invoke(main, ["sweep", str(path), "--resume", "--dry-run"])
+    assert "would resume sweep note-20260101-000000-abcd" in result.output
+    edited = yaml.safe_load(path.read_text())
+    edited["method"]["epochs"] += 1
+    path.write_text(yaml.safe_dump(edited))
+    for args in (["--resume"], ["--resume", "note-20260101-000000-abcd"]):
+        result = CliRunner().invoke(main, ["sweep", str(path), *args, "--dry-run"])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert "ran other settings (method.epochs was 2, is 3)" in line, line
+    # the same settings given as an override are the same sweep
+    result = CliRunner().invoke(main, ["sweep", str(path), "method.epochs=2", "--resume",
+                                       "--dry-run"])
+    assert "would resume sweep note-20260101-000000-abcd" in result.output, result.output
 
 
 def _mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
