@@ -209,24 +209,30 @@ class FeatureCache:
                                     f"{rows} rows, expected {expected}")
         tmp = self.root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        entries = []
-        for i, source in enumerate(files):
-            target = tmp / f"part-{i:05d}.parquet"
-            shutil.move(str(source), target)
-            entries.append({"name": target.name, "bytes": target.stat().st_size,
-                            "rows": pq.read_metadata(target).num_rows})
-        manifest = {"key": key, "format": FORMAT_VERSION, "model": model.identity,
-                    "model_name": model.name, "checkpoint": model.checkpoint, "set": set_name,
-                    "dataset": self._set_ids[set_name], "preprocessing": self.preprocessing,
-                    "rows": rows, "files": entries, "created": time.time()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        final = self.root / key
-        if final.exists():            # stale (it failed validation) or built concurrently
-            if _valid_entry(final, key):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        try:
+            entries = []
+            for i, source in enumerate(files):
+                target = tmp / f"part-{i:05d}.parquet"
+                shutil.move(str(source), target)
+                entries.append({"name": target.name, "bytes": target.stat().st_size,
+                                "rows": pq.read_metadata(target).num_rows})
+            manifest = {"key": key, "format": FORMAT_VERSION, "model": model.identity,
+                        "model_name": model.name, "checkpoint": model.checkpoint,
+                        "set": set_name, "dataset": self._set_ids[set_name],
+                        "preprocessing": self.preprocessing, "rows": rows, "files": entries,
+                        "created": time.time()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            final = self.root / key
+            if final.exists() and not _valid_entry(final, key):    # stale: it failed checks
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # another sweep committed this entry between the check and the rename
+                if not _valid_entry(final, key):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)      # gone after a rename; else cleaned
 
 
 def _pool_size(f) -> int:

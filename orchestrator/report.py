@@ -181,7 +181,10 @@ def _status(client: MlflowClient, parent) -> tuple[str, str | None]:
     if status == "RUNNING":
         host, pid = tags.get("orch.host"), int(tags.get("orch.pid", "0") or 0)
         if host == socket.gethostname() and pid and not _alive(pid):
-            client.set_terminated(parent.info.run_id, "KILLED")
+            try:                      # a read-only store still gets the report
+                client.set_terminated(parent.info.run_id, "KILLED")
+            except Exception:  # noqa: BLE001 - MLflow raises many kinds here
+                pass
             return "KILLED", f"its process ({pid}) is gone; {resume}"
         return status, f"running on {host} (pid {pid})" if host else None
     if status in ("KILLED", "FAILED"):
