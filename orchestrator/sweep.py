@@ -361,16 +361,6 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
     trained = [p for p in points if p.trained]
     echo(f"sweep {sweep_id}{' (resumed)' if resume else ''}: {len(trained)} training "
          f"trial(s) of {len(spec.methods)} method(s), {spec.num_points()} point(s) to evaluate")
-    prepare(spec)
-    spec_text = spec.text
-    journal.start(spec.name, str(spec.source_file) if spec.source_file else None, spec_text)
-    # Where the sweep's journal is and which process runs it: `orch report` can then tell
-    # a sweep whose process was killed from one still running.
-    records.start_parent(spec_params(spec), spec_text, meta.get("parent_run_id"), tags={
-        "orch.journal": journal.root, "orch.pid": str(os.getpid()),
-        "orch.host": socket.gethostname()})
-    journal.update(parent_run_id=records.parent_id, experiment_id=records.experiment_id,
-                   tracking_uri=tracking_uri, experiment=spec.experiment)
     sweep = Sweep(spec, journal, records, echo, verbose, live, register)
     LIVE[sweep_id] = sweep
     # orch handles Ctrl-C itself (Tune's own handler would swallow the first one and let
@@ -378,6 +368,15 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     previous = {sig: signal.signal(sig, sweep.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        prepare(spec)
+        journal.start(spec.name, str(spec.source_file) if spec.source_file else None, spec.text)
+        # Where the sweep's journal is and which process runs it: `orch report` can then
+        # tell a sweep whose process was killed from one still running.
+        records.start_parent(spec_params(spec), spec.text, meta.get("parent_run_id"), tags={
+            "orch.journal": journal.root, "orch.pid": str(os.getpid()),
+            "orch.host": socket.gethostname()})
+        journal.update(parent_run_id=records.parent_id, experiment_id=records.experiment_id,
+                       tracking_uri=tracking_uri, experiment=spec.experiment)
         _sync_done(sweep)                 # what a previous run finished but MLflow lacks
         _init_ray(address, verbose)
         _check_resources(spec)
@@ -393,14 +392,16 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         journal.update(status=FINISHED, error=None, mlflow_synced=records.failed is None)
         records.finish("FINISHED")
     except (KeyboardInterrupt, SweepInterrupted):
-        journal.update(status=INTERRUPTED)
+        if journal.meta():                # not before the sweep started (nothing to resume)
+            journal.update(status=INTERRUPTED)
         records.finish("KILLED", "interrupted")
         raise SweepInterrupted(f"sweep {sweep_id} interrupted; continue it with "
                                f"`orch sweep {spec.source_file or 'FILE'} --resume {sweep_id}`") \
             from None
     except BaseException as err:
         message = str(err).splitlines()[0] if str(err) else repr(err)
-        journal.update(status=FAILED, error=message)
+        if journal.meta():
+            journal.update(status=FAILED, error=message)
         records.finish("FAILED", message)
         raise
     finally:
