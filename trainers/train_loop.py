@@ -114,7 +114,12 @@ class ShardedBatches(Sampler[list[int]]):
 
 
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Mean of every gradient over the workers, in one flat all-reduce."""
+    """Mean of every gradient over the workers, in one flat all-reduce. A parameter that
+    got no gradient on any worker keeps none, so the optimiser skips it (weight decay
+    included) exactly as one worker would."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    dist.all_reduce(has)
+    params = [p for p, count in zip(params, has.tolist()) if count > 0]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
