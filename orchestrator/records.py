@@ -192,17 +192,25 @@ class SweepRecords:
                 self.existing()[key] = (run_id, "RUNNING")
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+            logged = self._logged_steps(run_id, history) if found else {}
             for row in history or []:
                 step = int(row.get("epoch", 0))
-                batch += [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
-            if not found:
-                self.client.log_batch(run_id, params=_params(params))
+                batch += [Metric(k, float(v), now, step) for k, v in row.items()
+                          if k != "epoch" and step not in logged.get(k, ())]
+            # again for a run found (the same values): its driver may have died before
+            self.client.log_batch(run_id, params=_params(params))
             for start in range(0, len(batch), 900):  # log_batch takes at most 1000 metrics
                 self.client.log_batch(run_id, metrics=batch[start:start + 900])
             self.client.set_terminated(run_id, status)
             self.existing()[key] = (run_id, status)
             return run_id
         return self._try(write)
+
+    def _logged_steps(self, run_id: str, history: list[dict] | None) -> dict[str, set[int]]:
+        """The epochs of each loss curve a run already holds (a failed trial's retry
+        brings its whole history again)."""
+        keys = {k for row in history or [] for k in row if k != "epoch"}
+        return {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in keys}
 
     def metrics(self, run_id: str, values: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)

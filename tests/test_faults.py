@@ -286,3 +286,21 @@ def test_two_sweeps_creating_one_new_sqlite_store_both_work(tmp_path):
     # and a SQLite store's artifacts live beside it, not in ./mlruns of the working folder
     experiment = MlflowClient(uri).get_experiment_by_name("exp0")
     assert experiment.artifact_location == (tmp_path / "mlartifacts" / "exp0").as_uri()
+
+
+def test_a_retried_trial_is_one_run_with_its_params_and_each_epoch_once(tmp_path):
+    """A trial recorded FAILED, then finished by its retry: one run, FINISHED, with its
+    params, and the loss curve's epochs each logged once."""
+    from orchestrator.records import SweepRecords
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    records = SweepRecords(uri, "retry", "retry-1", print).open()
+    records.start_parent({}, "", None, tags={})
+    first = [{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5}]
+    records.child("train/t", "t", "train", {"lr": 0.1}, history=first, failed=True)
+    records.child("train/t", "t", "train", {"lr": 0.1},
+                  history=first + [{"epoch": 2, "loss": 0.2}], failed=False)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([records.experiment_id], "tags.`orch.kind` = 'train'")
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == \
+        [(0, 1.0), (1, 0.5), (2, 0.2)]
