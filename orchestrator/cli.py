@@ -1,5 +1,6 @@
-"""The `orch` command line: `orch sweep FILE [--dry-run] [--resume [ID]]`,
-`orch report [SWEEP_ID]`, `orch sync SWEEP`.
+"""The `orch` command line: `orch sweep FILE [KEY=VALUE ...] [--dry-run] [--resume [ID]]`,
+`orch report [SWEEP_ID]`, `orch compare A B`, `orch export SWEEP OUT.pt`,
+`orch sync SWEEP`, `orch schema`.
 
 User errors (a bad sweep file, a missing folder, an unreachable tracking server, storage
 that cannot be written) print one line and exit 2; a sweep that fails while running

@@ -24,7 +24,6 @@ sweep file) -> Parquet partitioned by (model, set).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os

@@ -168,7 +168,3 @@ def unfinished(storage: str, name: str, source_file: str | None,
 
 def open_journal(storage: str, sweep_id: str) -> Journal:
     return Journal(join(storage, sweep_id))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

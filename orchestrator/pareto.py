@@ -80,12 +80,11 @@ _LINESTYLES = {NONE: "", "wise_ft": "-", "ose": "--", "vrf": ":"}
 _MARKERS = {NONE: "*", "wise_ft": "o", "ose": "s", "vrf": "^"}
 
 
-def _style(rows: Sequence[dict]):
-    """A colour per method, a line style and marker per ensemble."""
+def _colours(rows: Sequence[dict]):
+    """A colour per method (line styles and markers tell the ensembles apart)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cmap = plt.get_cmap("tab10")
-    colours = {m: cmap(i % 10) for i, m in enumerate(methods)}
-    return colours
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
 def _curve(points: list[dict]) -> list[dict]:
@@ -103,7 +102,7 @@ def plot_pareto(rows: Sequence[dict], title: str):
     method, line style = ensemble), each trained model alone as a star, the point each
     (method, ensemble) chose on ID validation circled, the front of all points shaded."""
     fig, ax = plt.subplots(figsize=(11, 6.5), dpi=120)
-    colours = _style(rows)
+    colours = _colours(rows)
     labelled: set[tuple[str, str]] = set()
     for (trial, ensemble), indices in _by_trial_and_ensemble(rows).items():
         pts = [rows[i] for i in indices]
@@ -145,7 +144,7 @@ def _by_trial_and_ensemble(rows: Sequence[dict]) -> dict[tuple[str, str], list[i
 def plot_calibration(rows: Sequence[dict], title: str):
     """OOD accuracy vs OOD ECE per (method, ensemble); chosen points circled."""
     fig, ax = plt.subplots(figsize=(10, 6), dpi=120)
-    colours = _style(rows)
+    colours = _colours(rows)
     chosen = chosen_per_group(rows)
     for group, indices in groups(rows).items():
         method, ensemble = group

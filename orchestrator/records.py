@@ -1,5 +1,6 @@
 """MLflow records of a sweep: one parent run, a child run per training trial and per
-(trial, mixing coefficient), and the Pareto table, front and plot on the parent.
+ensemble point; on the parent the Pareto table and front, the plots, the benchmark's
+sets as dataset inputs and the chosen model.
 
 Only the driver writes (SQLite takes one writer at a time), through
 `MlflowClient` with explicit run ids, so nothing depends on a global active run.

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_of,
-                                 select_on_validation)
+from orchestrator.pareto import NONE, chosen_per_group, coefficients_text
 from orchestrator.records import KIND_TAG, SWEEP_TAG, TrackingError, first_line
 
 
@@ -193,5 +192,4 @@ def _status(client: MlflowClient, parent) -> tuple[str, str | None]:
     return status, None
 
 
-__all__ = ["FoundSweep", "ReportError", "format_points", "format_summary", "group_of",
-           "load_sweep", "select_on_validation"]
+__all__ = ["FoundSweep", "ReportError", "format_points", "format_summary", "load_sweep"]

@@ -378,7 +378,6 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> dict:
     YAML (`1e-4`, `[0, 1, 2]`, `null`, `{a: 1}`). List items are addressed by index
     (`methods.1.lr` or `methods[1].lr`); missing mappings along the path are created."""
     import copy
-    import re
     out = copy.deepcopy(raw) if isinstance(raw, dict) else {}
     for item in overrides:
         key, sep, text = item.partition("=")

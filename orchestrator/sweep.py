@@ -1,8 +1,9 @@
 """`orch sweep`: the stages of a sweep, in order.
 
 1. prepare  - the driver builds the cached assets (toy world, toy CLIP) once;
-2. features - Ray Data encodes the training split with the zero-shot model into the
-              Parquet cache, when a linear probe trains on it;
+2. features - Ray Data encodes every set with the zero-shot model into the Parquet
+              cache here, when a linear probe trains on the cached training split (else
+              this joins step 4's job);
 3. train    - one Ray Tune trial per grid point of every method, checkpointing each epoch;
 4. features - every set, with the zero-shot model and every fitted model (one job);
 5. ensemble - Ray Tune jobs: per trained trial one job on cached outputs (the model alone,
@@ -14,7 +15,8 @@ Nothing finished is lost: each trial and each ensemble job is written to the swe
 journal (in its storage folder) when it ends, then to MLflow. A sweep interrupted in any
 way ends FAILED or KILLED, never RUNNING, and `--resume` continues it: finished trials
 and jobs are not run again, unfinished trials continue from their last epoch checkpoint
-(Tune's own restore), and MLflow ends with one child run per trial and per point.
+(handed to them by the driver, from the journal), and MLflow ends with one child run per
+trial and per point.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +39,7 @@ from orchestrator.journal import FAILED, FINISHED, INTERRUPTED, Journal, job_key
 from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_label,
                                  pareto_table, plot_calibration, plot_pareto, plot_reliability,
                                  select_on_validation)
-from orchestrator.records import SweepRecords, TrackingError, runs_table_url
+from orchestrator.records import SweepRecords, runs_table_url
 from orchestrator.spec import SweepSpec, TrialPoint
 from orchestrator.storage import check_writable, join
 from orchestrator.trials import MODEL_FILE, OUTPUTS_JOB, weight_points
@@ -151,14 +153,14 @@ def _check_resources(spec: SweepSpec) -> None:
               ("resources.gpus_per_trial", r.gpus_per_trial * n, gpu, "GPUs"),
               ("features.cpus_per_actor", f.cpus_per_actor * actors, cpu, "CPUs"),
               ("features.gpus_per_actor", f.gpus_per_actor * actors, gpu, "GPUs")]
-    for field, asked, has, unit in checks:
+    for key, asked, has, unit in checks:
         if asked > has:
-            if "actor" in field and actors > 1:
-                what = f"features.actors x {field.split('.')[1]} = {asked:g}"
-            elif "trial" in field and n > 1:
-                what = f"resources.workers_per_trial x {field.split('.')[1]} = {asked:g}"
+            if "actor" in key and actors > 1:
+                what = f"features.actors x {key.split('.')[1]} = {asked:g}"
+            elif "trial" in key and n > 1:
+                what = f"resources.workers_per_trial x {key.split('.')[1]} = {asked:g}"
             else:
-                what = f"{field}={asked:g}"
+                what = f"{key}={asked:g}"
             raise SweepError(f"{what} but the Ray cluster has {has:g} {unit}")
 
 
@@ -192,7 +194,6 @@ class Sweep:
     verbose: bool = False
     live: Any = None               # the LiveView (None with -v: Tune prints its own tables)
     register: str | None = None    # model-registry name for the chosen model
-    restarts: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False      # Ctrl-C / SIGTERM seen: Tune is stopping the trials
     in_tune: bool = False
 
@@ -228,7 +229,6 @@ class Sweep:
             self.live.trial_ended(ok)
 
     def trial_restarted(self, stage: str, trial: Any) -> None:
-        self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
         if self.live is not None:          # it starts again (and is counted again)
             self.live.running = max(0, self.live.running - 1)
 

@@ -1,8 +1,9 @@
 """The functions Ray Tune runs: one training trial per grid point, and the ensemble
 stage's jobs (the outputs job of a trained trial, one job per weight-space point).
 
-Only `ray.tune.*` is used inside trials (Ray 2.60: `ray.train.*` there fails the
-trial). Everything a trial reads comes from absolute paths resolved on the driver.
+A single-worker trial uses only `ray.tune.*` (Ray 2.60: `ray.train.*` reporting there
+fails the trial); a data-parallel trial starts a Ray Train TorchTrainer inside it.
+Everything a trial reads comes from absolute paths resolved on the driver.
 Checkpoints are read with `weights_only=True`: tensors and plain containers only.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The seeds' findings, for real, on the embedded toy world (fixed seed): zero-shot is
-clearly above chance everywhere; fine-tuning raises ID accuracy and lowers the OOD
-average; WiSE-FT's curve bulges: some alpha in (0, 1) beats BOTH endpoints on the OOD
-average. Needs the cached toy CLIP (built once on first use)."""
+"""The papers' findings that the shipped toy CLIP must keep showing, for real, on the
+embedded toy world (fixed seed): zero-shot is clearly above chance everywhere;
+fine-tuning raises ID accuracy and lowers the OOD average; WiSE-FT's curve bulges: some
+alpha in (0, 1) beats BOTH endpoints on the OOD average. Uses the toy CLIP unpacked from
+its shipped weights."""
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,7 @@ from trainers.toyworld import world
 from trainers.toyworld.benchmark import toy_benchmark
 from trainers.train_loop import Hooks
 
-# the timeout includes building the toy CLIP when it is not cached yet
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ALPHAS = [0.0, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]    # the bulge sits at 0.3-0.5 on this world
 CPU = torch.device("cpu")

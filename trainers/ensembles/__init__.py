@@ -5,13 +5,15 @@ are coefficient grids (WiSE-FT and OSE: `alpha`; VRF: `a`, `b`), and what it mix
 
 - "weights": `mix(zero_shot, fine_tuned, point, options) -> classifier`, a new model
   per coefficient point; each needs its own forward pass over the eval sets.
-- "outputs": `mix(members, options, points) -> Mixture`, the per-sample weight of the
-  fine-tuned model at every point, computed from outputs cached once per model (logits,
-  and image features where `needs_features`); `trainers.ensembles.mixture` turns that
-  into metrics for all points at once, vectorised.
+- "outputs": `mix(zero_shot, fine_tuned, options, points, sets, device) -> Mixture`,
+  the per-sample weight of the fine-tuned model at every point, computed from the two
+  members' outputs cached once per model (logits, and image features where
+  `needs_features`); `trainers.ensembles.mixture` turns that into metrics for all
+  points at once, vectorised.
 
-Every module here whose name does not start with "_" registers itself when the registry
-is first imported; adding an ensemble is adding a file.
+Every module here registers itself when the registry is first imported, except
+`mixture` (the shared maths of output-space ensembles) and names starting with "_";
+adding an ensemble is adding a file.
 """
 from __future__ import annotations
 

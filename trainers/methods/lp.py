@@ -56,7 +56,9 @@ class HeadTask:
 
 def training_features(start: StartPoint, ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-shot features of the training split (evaluation preprocessing): from the
-    cache orch passes, else encoded here once."""
+    cache orch passes, else encoded here once, from `ctx.train_eval_set` (the training
+    images under evaluation preprocessing) when the caller gives one, else from the
+    training set as given."""
     if ctx.train_features is not None:
         return ctx.train_features()
     dataset = ctx.train_eval_set if ctx.train_eval_set is not None else ctx.train_set
