@@ -159,3 +159,40 @@ def test_teacher_gets_no_gradient(start, clip, batch):
     task.loss(images, labels).backward()
     assert all(p.grad is None for p in task.teacher.parameters())
     assert all(p.grad is not None for p in task.model.visual.parameters())
+
+
+def test_carot_loss_is_smoothed_clip_loss_plus_weighted_oc_and_teacher_to_student_kl(
+        start, clip, batch):
+    """The whole objective by hand: label-smoothed contrastive loss on the drawn captions
+    + lambda_oc ||W_v^T W_v - I||_F + lambda_sd (KL(teacher || student) both ways), the
+    teacher's logits at the teacher's own scale. A teacher that differs from the student
+    makes swapping the KL's arguments or the scales visible."""
+    images, labels = batch
+    options = CaRotOptions(label_smoothing=0.1, lambda_oc=0.3, lambda_sd=2.0)
+    task = CaRotTask(copy.deepcopy(clip.model).eval(), prompt_tokens(start, CPU), options,
+                     seed=3)
+    with torch.no_grad():
+        for p in task.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        task.teacher.logit_scale.fill_(math.log(20.0))
+    state = task.generator.get_state()
+    with torch.no_grad():
+        loss = task.loss(images, labels)
+    task.generator.set_state(state)
+    drawn = torch.randint(len(TEMPLATES), (len(labels),), generator=task.generator)
+    tokens = clip.tokenizer([TEMPLATES[t].format(CLASSES[y])
+                             for t, y in zip(drawn.tolist(), labels.tolist())])
+    student, teacher = task.model, task.teacher
+    with torch.no_grad():
+        s_img, s_txt = student.encode_image(images, True), student.encode_text(tokens, True)
+        t_img, t_txt = teacher.encode_image(images, True), teacher.encode_text(tokens, True)
+        s_logits = student.logit_scale.exp() * s_img @ s_txt.T
+        t_logits = teacher.logit_scale.exp() * t_img @ t_txt.T
+        mcl = contrastive_loss(s_img, s_txt, student.logit_scale.exp(), 0.1)
+        w_v = visual_projection(student)
+        oc = torch.linalg.matrix_norm(w_v.T @ w_v - torch.eye(w_v.shape[1]))
+        kl = sum(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,
+                          reduction="batchmean")
+                 for s, t in ((s_logits, t_logits), (s_logits.T, t_logits.T)))
+    assert kl > 1e-3                                    # the teacher really differs
+    assert torch.allclose(loss, mcl + 0.3 * oc + 2.0 * kl, rtol=1e-4, atol=1e-5)
