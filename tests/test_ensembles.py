@@ -690,8 +690,13 @@ def test_neighbour_rank(zsf, train, options, expected):
 
 def _vrf_members(seed: int):
     eval_sets = make_eval_sets()
-    zs, ft = make_members(eval_sets, 12, seed=seed, features=True, n=60, n_train=200)
+    # a training set large enough that the code rule's k = round(1000 |ZSF| / N) stays
+    # below |ZSF| (with N < 1000 it is always clamped to |ZSF|)
+    zs, ft = make_members(eval_sets, 12, seed=seed, features=True, n=60, n_train=N_TRAIN)
     return eval_sets, zs, ft
+
+
+N_TRAIN = 4000
 
 
 @pytest.mark.parametrize("variant,k", [("code", None), ("code", 3), ("paper", None),
@@ -708,12 +713,13 @@ def test_vrf_mix_end_to_end(variant, k):
     zs_wrong = zs.logits[TRAIN].argmax(1) != zs.labels[TRAIN]
     mask = (ft_right & zs_wrong).numpy()
     m = int(mask.sum())
-    assert 3 < m < 200
+    assert 3 < m < N_TRAIN
     index = ft.features[TRAIN].numpy()[mask]         # the FINE-TUNED features
     if k is not None:
         rank = k
     elif variant == "code":
-        rank = min(max(round(1000 * m / 200), 1), m)
+        rank = min(max(round(1000 * m / N_TRAIN), 1), m)
+        assert 1 < rank < m                          # the formula, not a clamp
     else:
         rank = max(math.floor(0.001 * m), 1)
     assert mixture.diagnostics["zsf_size"] == m and mixture.diagnostics["k"] == rank
