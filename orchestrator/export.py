@@ -20,6 +20,7 @@ ensembles (OSE, VRF) mix two models per sample and have no single state dict.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,12 @@ def save_export(path: Path, assets, model: PointModel, point: dict[str, Any]) ->
             "classnames": list(assets.bench.classnames), "templates": list(assets.bench.templates),
             "preprocess": preprocess_config(assets), "point": point}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")     # whole file, or none
+    try:
+        torch.save(data, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def point_summary(row: dict | None, trial: str, ensemble: str, coefficients: dict) -> dict:

@@ -259,6 +259,11 @@ class SweepRecords:
             self.client.log_inputs(self.parent_id, datasets=inputs)
         self._try(write)
 
+    def has_model(self) -> bool:
+        """Whether the parent already holds the chosen model (a second `orch sync`)."""
+        run = self._try(lambda: self.client.get_run(self.parent_id))
+        return run is not None and "model_val_acc" in run.data.metrics
+
     def log_model(self, model, example, register: str | None = None) -> None:
         """The chosen model on the parent run (`model/`), with an input example and its
         signature; registered as `register` in the model registry when given. The model's

@@ -163,12 +163,17 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
     def position(values: list[str], value: str) -> int:
         return values.index(value) if value in values else len(values)
 
-    rows.sort(key=lambda r: (position(methods, r["method"]), r["trial"],
+    rows.sort(key=lambda r: (position(methods, r["method"]), _natural(r["trial"]),
                              position(ensembles, r["ensemble"]),
                              sorted(r["coefficients"].items())))
     chosen = parent.data.tags.get("orch.selected_run")
     selected = next((i for i, r in enumerate(rows) if r["run_id"] == chosen), None)
     return FoundSweep(found_id, names[parent.info.experiment_id], status, rows, selected, note)
+
+
+def _natural(name: str) -> list:
+    """Sort key: numbers as numbers (trial -100 after -11)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _status(client: MlflowClient, parent) -> tuple[str, str | None]:

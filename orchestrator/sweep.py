@@ -603,7 +603,7 @@ def _log_chosen_model(sweep: Sweep, table: list[dict], models: dict[str, str]) -
     from orchestrator.build import load_assets, load_fitted
     from orchestrator.export import chosen_exportable, point_model
     index = chosen_exportable(table)
-    if index is None or sweep.records.failed is not None:
+    if index is None or sweep.records.failed is not None or sweep.records.has_model():
         return
     row = table[index]
     cpu = torch.device("cpu")

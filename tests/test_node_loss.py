@@ -49,6 +49,7 @@ def test_trial_survives_the_loss_of_its_node(image_task, tmp_path):
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
+    proc = None
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)],
@@ -64,6 +65,9 @@ def test_trial_survives_the_loss_of_its_node(image_task, tmp_path):
         cluster.remove_node(node, allow_graceful=False)
         out, _ = proc.communicate(timeout=300)
     finally:
+        if proc is not None and proc.poll() is None:     # a failed wait: no orphan sweep
+            proc.kill()
+            proc.communicate()
         cluster.shutdown()
     assert proc.returncode == 0, out
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/trials/*.json")]
