@@ -63,12 +63,12 @@ def point_model(assets, fitted, ensemble: str, coefficients: dict[str, float]) -
     zero_shot = assets.start.zero_shot
     classifier, text = fitted.classifier, fitted.text_tower
     if ensemble != NONE:
-        spec = get_ensemble(ensemble)
-        if spec.mixes != WEIGHTS:
+        mixer = get_ensemble(ensemble)
+        if mixer.mixes != WEIGHTS:
             raise ExportError(f"{ensemble} mixes two models' outputs per sample: there is no "
                               "single model to export (export the trial alone, or a WiSE-FT point)")
-        classifier = spec.mix(zero_shot, classifier, coefficients, spec.options())
-        if text is not None:
+        classifier = mixer.mix(zero_shot, classifier, coefficients, mixer.options())
+        if text is not None:            # WiSE-FT, the one weight-space ensemble: its alpha
             zs_text = {k: v for k, v in assets.clip.model.state_dict().items()
                        if not k.startswith("visual.")}
             text = interpolate_state_dicts(zs_text, text, coefficients["alpha"])

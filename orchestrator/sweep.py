@@ -236,10 +236,12 @@ class Sweep:
         if stage == TRAIN:
             self.journal.save_checkpoint(self.spec.trial_for(trial.config["method"]).name, path)
 
-    def _train_finished(self, trial: Any, error: str | None) -> None:
+    def _train_finished(self, trial: Any, error: str | None) -> bool | None:
+        """Journal and MLflow record of an ended trial: True done, False failed, None
+        stopped by Ctrl-C (not a result)."""
         point = self.spec.trial_for(trial.config["method"])
         result = trial.last_result or {}
-        history = json.loads(result.get("history", "[]")) if "history" in result else []
+        history = json.loads(result.get("history", "[]"))
         # "fitted" is orch's mark of a completed fit (Tune sets "done" on stopped trials too)
         done = error is None and result.get("fitted") is True and trial.checkpoint is not None
         if error is None and not done:
@@ -258,7 +260,7 @@ class Sweep:
                            history=record["history"], failed=record["status"] != "ok",
                            tags={"orch.restarts": str(record.get("restarts", 0))})
 
-    def _job_finished(self, trial: Any, error: str | None) -> None:
+    def _job_finished(self, trial: Any, error: str | None) -> bool | None:
         job = trial.config["job"]
         result = trial.last_result or {}
         if error is not None:
