@@ -40,6 +40,13 @@ def _fail(err: BaseException | str, verbose: bool, cls=UserError):
     raise cls(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
 
+def _quiet_mlflow() -> None:
+    """After mlflow's import, which sets its own level: its INFO lines are noise, and a
+    store error it logs with a traceback is one line from orch (-v shows both)."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
 def _unexpected(err: BaseException, verbose: bool):
     """An error no check foresaw (a storage or MLflow failure surfacing late): still one
     line and exit 1; -v shows the traceback."""
@@ -205,8 +212,8 @@ def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> No
     from orchestrator.sweep import SweepError, SweepInterrupted, mlflow_ui_hint, run_sweep
     from trainers.data import DataError
     from trainers.models import ModelError
-    if not verbose:  # after mlflow's import, which sets its own level: its INFO lines are noise
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if not verbose:
+        _quiet_mlflow()
     uri = tracking_uri or (resume.meta().get("tracking_uri") if resume else None) \
         or default_tracking_uri()
     try:
@@ -421,7 +428,7 @@ def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | 
     from orchestrator.sync import SyncError, sync_sweep
     verbose = ctx.obj["verbose"]
     if not verbose:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        _quiet_mlflow()
     try:
         summary = sync_sweep(sweep, storage_path, tracking_uri, echo=click.echo, force=force)
     except (SyncError, TrackingError) as err:

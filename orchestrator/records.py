@@ -60,11 +60,19 @@ def first_line(err: BaseException) -> str:
     refused = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
     if refused and "Max retries exceeded" in text:
         return f"cannot connect ({refused.group(0)})"
+    # a database error: the driver's own words (SQLAlchemy leads with its context)
+    driver = re.search(r"\((?:sqlite3|psycopg2?|pymysql|MySQLdb)\.\w+\) ([^\n]+)", text)
+    if driver:
+        return driver.group(1)
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite URI (`sqlite:///file:/x.db?mode=ro&uri=true` too)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path[len("file:"):] if path.startswith("file:") else path)
 
 
 class SweepRecords:
@@ -90,7 +98,7 @@ class SweepRecords:
 
     # -- strict: before anything runs ---------------------------------------------------
     def open(self) -> "SweepRecords":
-        db = _sqlite_file(self.uri)
+        db = sqlite_file(self.uri)
         try:
             if db is not None:
                 # A new SQLite store is created by its first client (a schema migration):

@@ -16,7 +16,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from orchestrator.pareto import NONE, chosen_per_group, coefficients_text
-from orchestrator.records import KIND_TAG, SWEEP_TAG, TrackingError, first_line
+from orchestrator.records import KIND_TAG, SWEEP_TAG, TrackingError, first_line, sqlite_file
 
 
 class ReportError(RuntimeError):
@@ -103,10 +103,10 @@ def _missing_store(tracking_uri: str) -> str | None:
     parsed = urllib.parse.urlparse(tracking_uri)
     if parsed.scheme == "sqlite":
         # sqlite:///relative.db, sqlite:////abs/path.db; sqlite:// or :memory: is no file
-        path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
-        path = path.split("?", 1)[0]
-        if path and path != ":memory:" and not Path(path).expanduser().is_file():
-            return str(Path(path).expanduser())
+        db = sqlite_file(tracking_uri)
+        if db is not None and str(db) not in ("", ".", ":memory:") \
+                and not db.expanduser().is_file():
+            return str(db.expanduser())
         return None
     if parsed.scheme == "file" or (not parsed.scheme or len(parsed.scheme) == 1):  # C:\...
         path = urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" \

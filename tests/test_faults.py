@@ -266,6 +266,26 @@ def test_an_unreachable_tracking_server_is_one_line_before_anything_starts(image
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_write_protected_store_is_one_line_and_the_sweep_is_not_left_running(
+        image_task, tmp_path):
+    """A store that can be read but not written (opened read-only: root ignores file
+    modes): one line naming the store and SQLite's reason, exit 2, and the journal of
+    the sweep that could not start says FAILED, not running."""
+    from orchestrator.records import SweepRecords
+    db = tmp_path / "mlflow.db"
+    SweepRecords(f"sqlite:///{db}", "readonly", "setup", print).open()   # experiment exists
+    path = write_sweep(image_task, tmp_path, "readonly")
+    uri = f"sqlite:///file:{db}?mode=ro&uri=true"
+    result = CliRunner().invoke(main, ["sweep", str(path)], env={"MLFLOW_TRACKING_URI": uri})
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.output.strip().splitlines() if not x.startswith("sweep ")]
+    assert line.startswith(f"error: cannot write to MLflow tracking store {uri}") \
+        and "readonly database" in line and "Traceback" not in result.output, line
+    assert json.loads((journal(tmp_path) / "sweep.json").read_text())["status"] == "failed"
+    report = CliRunner().invoke(main, ["report"], env={"MLFLOW_TRACKING_URI": uri})
+    assert report.exit_code == 2 and "no sweeps recorded" in report.output
+
+
 def test_sweep_ids_never_collide():
     from orchestrator.sweep import new_sweep_id
     ids = {new_sweep_id("same") for _ in range(50)}
