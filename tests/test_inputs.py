@@ -390,3 +390,16 @@ def test_report_refuses_a_sweep_id_with_odd_characters(tmp_path, sweep_id):
     line = report(sweep_id, uri=f"sqlite:///{db}")
     assert f"{sweep_id!r} is not a sweep id" in line
     assert not db.exists()
+
+
+def test_version_and_verbose_before_or_after_the_sub_command(tmp_path):
+    from importlib.metadata import version
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and version("orch") in result.output
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'none.db'}"}
+    quiet = CliRunner().invoke(main, ["report"], env=env)
+    assert quiet.exit_code == 2 and quiet.exception is not None and "error:" in quiet.output
+    for args in (["-v", "report"], ["report", "-v"]):       # -v: the exception itself
+        loud = CliRunner().invoke(main, args, env=env)
+        assert type(loud.exception).__name__ == "ReportError", args
+    assert not (tmp_path / "none.db").exists()
