@@ -134,9 +134,18 @@ def _private_token() -> None:
     path = Path.home() / ".ray" / "auth_token"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # written whole under a private name, then linked into place: a second orch
+        # starting at the same moment finds either no file or a complete one
+        tmp = path.with_name(f".auth_token.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass                          # the other one was first: its token it is
+        finally:
+            tmp.unlink(missing_ok=True)
     elif path.stat().st_mode & 0o077:
         path.chmod(0o600)
 

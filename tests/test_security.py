@@ -615,3 +615,20 @@ def test_load_fitted_reads_a_plain_tensor_checkpoint(tmp_path):
     fitted = load_fitted(_assets(), tmp_path / "trial.pt", torch.device("cpu"))
     assert torch.equal(fitted.classifier.weight, trained.weight)
     assert fitted.text_tower is None
+
+
+def test_the_token_file_is_private_whole_and_made_once(tmp_path, monkeypatch):
+    from orchestrator.sweep import _private_token
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    _private_token()
+    first = token.read_text()
+    assert len(first) == 64 and int(first, 16) >= 0
+    assert token.stat().st_mode & 0o777 == 0o600
+    _private_token()                                   # a second sweep keeps it
+    assert token.read_text() == first
+    assert [p.name for p in token.parent.iterdir()] == ["auth_token"]   # no temporary left
+    token.chmod(0o644)                                 # made readable by someone else
+    _private_token()
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == first
