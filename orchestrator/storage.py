@@ -84,9 +84,12 @@ def write_json(path: str, data: Any) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)     # gone after the replace; else a full disk
     except OSError as err:
         raise StorageError(f"cannot write {path}: {err.strerror or err}") from None
 
