@@ -279,26 +279,22 @@ def _set_sizes(spec, bench) -> list[tuple[str, int, int, str]]:
         from trainers.toyworld import world
         cfg = world.WorldConfig()
         n = len(world.CLASSNAMES)
-        sizes = [("train", n, min(world.split_size(cfg, "id_train"),
-                                  spec.benchmark.train_size or 10**12), "ID training")]
-        for split in world.EVAL_SPLITS:
-            if split == "id_train":
-                continue
-            role = ("ID validation" if split == "id_val" else "ID test" if split == "id_test"
-                    else "diagnostic" if split not in world.SHIFT_SPLITS else "shift")
-            classes = len(world.OBJECTNET_CLASSES) if split == "objectnet" else n
-            if classes != n:
-                role += f", {classes} of {n} classes"
-            sizes.append((split, classes, min(world.split_size(cfg, split),
-                                              spec.benchmark.eval_size or 10**12), role))
-        return sizes
-    sizes = [("train", bench.num_classes, len(bench.train), "ID training")]
-    for name, eval_set in bench.eval_sets().items():
+        train = min(world.split_size(cfg, "id_train"), spec.benchmark.train_size or 10**12)
+        sets = [(split, len(world.OBJECTNET_CLASSES) if split == "objectnet" else n,
+                 min(world.split_size(cfg, split), spec.benchmark.eval_size or 10**12),
+                 split not in world.SHIFT_SPLITS)
+                for split in world.EVAL_SPLITS if split != "id_train"]
+    else:
+        n, train = bench.num_classes, len(bench.train)
+        sets = [(name, s.num_classes, len(s.dataset), name in bench.diagnostics)
+                for name, s in bench.eval_sets().items()]
+    sizes = [("train", n, train, "ID training")]
+    for name, classes, images, diagnostic in sets:
         role = ("ID validation" if name == "id_val" else "ID test" if name == "id_test"
-                else "diagnostic" if name in bench.diagnostics else "shift")
-        if eval_set.num_classes != bench.num_classes:
-            role += f", {eval_set.num_classes} of {bench.num_classes} classes"
-        sizes.append((name, eval_set.num_classes, len(eval_set.dataset), role))
+                else "diagnostic" if diagnostic else "shift")
+        if classes != n:
+            role += f", {classes} of {n} classes"
+        sizes.append((name, classes, images, role))
     return sizes
 
 

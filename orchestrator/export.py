@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.pareto import NONE, coefficients_text
+from orchestrator.pareto import NONE, coefficients_text, point_name
 from trainers.ensembles import WEIGHTS, get_ensemble
 from trainers.ensembles.wise_ft import interpolate_state_dicts
 
@@ -143,24 +143,16 @@ def export_sweep(sweep: str, storage_path: str, out: Path, trial: str | None = N
                  coefficients: dict[str, float] | None = None) -> str:
     """`orch export`: write one point of a finished sweep to `out`; returns a summary line.
     Without `trial`, the sweep's chosen single-model point."""
-    import yaml
-
     from orchestrator.build import load_assets, load_fitted
-    from orchestrator.journal import job_key
-    from orchestrator.spec import parse_spec
-    from orchestrator.sweep import _sorted_rows, ensemble_jobs
-    from orchestrator.sync import SyncError, find_journal
+    from orchestrator.sweep import finished_rows
+    from orchestrator.sync import SyncError, find_journal, journal_spec
     try:
         journal = find_journal(sweep, storage_path)
     except SyncError as err:
         raise ExportError(str(err)) from None
-    meta = journal.meta()
-    spec = parse_spec(yaml.safe_load(journal.spec_text() or ""),
-                      source_file=Path(meta["source_file"]) if meta.get("source_file") else None)
+    spec = journal_spec(journal)
     points = spec.trials()
-    done = journal.points()
-    rows = _sorted_rows(spec, points, [r for job in ensemble_jobs(spec, points)
-                                       if job_key(job) in done for r in done[job_key(job)]["rows"]])
+    rows = finished_rows(spec, points, journal.points())
     if trial is None:
         if coefficients:
             raise ExportError("--alpha/--coeffs need --trial (which trained model to mix)")
@@ -178,10 +170,10 @@ def export_sweep(sweep: str, storage_path: str, out: Path, trial: str | None = N
         ensemble = _weight_ensemble_for(coefficients)
         row = find_row(rows, trial, ensemble, coefficients)
     record = journal.trials().get(trial)
-    if not points or (record is None and any(p.trained for p in points if p.name == trial)):
+    trained = any(p.trained for p in points if p.name == trial)
+    if not points or (record is None and trained):
         raise ExportError(f"trial {trial} of sweep {journal.sweep_id} has not finished")
-    if record is not None and (record.get("status", "ok") != "ok" or not record.get("model")) \
-            and any(p.trained for p in points if p.name == trial):
+    if trained and (record.get("status", "ok") != "ok" or not record.get("model")):
         raise ExportError(f"trial {trial} of sweep {journal.sweep_id} failed: it has no model "
                           f"({record.get('error') or record.get('status')})")
     device = torch.device("cpu")
@@ -189,9 +181,9 @@ def export_sweep(sweep: str, storage_path: str, out: Path, trial: str | None = N
     fitted = load_fitted(assets, record["model"] if record else None, device)
     model = point_model(assets, fitted, ensemble, coefficients)
     save_export(out, assets, model, point_summary(row, trial, ensemble, coefficients))
-    where = "" if ensemble == NONE else f" {ensemble} {coefficients_text({'coefficients': coefficients})}"
+    name = point_name({"trial": trial, "ensemble": ensemble, "coefficients": coefficients})
     metrics = f": ID acc {100 * row['id_acc']:.1f}, OOD acc {100 * row['ood_acc']:.1f}" if row else ""
-    return f"exported {journal.sweep_id} {trial}{where}{metrics} -> {out}"
+    return f"exported {journal.sweep_id} {name}{metrics} -> {out}"
 
 
 def _weight_ensemble_for(coefficients: dict[str, float]) -> str:

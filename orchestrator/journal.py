@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.storage import is_uri, join, list_dirs, list_json, read_json, write_json
+from orchestrator.storage import (join, list_dirs, list_json, read_json, read_text,
+                                  write_json, write_text)
 
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 
@@ -73,26 +74,10 @@ class Journal:
                     created=meta.get("created", time.time()), status=RUNNING,
                     pid=os.getpid(), host=socket.gethostname(),
                     runs=meta.get("runs", 0) + 1)
-        if not is_uri(self.root):
-            Path(self.root).mkdir(parents=True, exist_ok=True)
-            (Path(self.root) / "sweep.yaml").write_text(spec_text)
-        else:
-            from orchestrator.storage import _fs
-            fs, key = _fs(join(self.root, "sweep.yaml"))
-            with fs.open_output_stream(key) as out:
-                out.write(spec_text.encode())
+        write_text(join(self.root, "sweep.yaml"), spec_text)
 
     def spec_text(self) -> str | None:
-        if is_uri(self.root):
-            from orchestrator.storage import _fs
-            fs, key = _fs(join(self.root, "sweep.yaml"))
-            try:
-                with fs.open_input_stream(key) as handle:
-                    return handle.read().decode()
-            except OSError:
-                return None
-        path = Path(self.root) / "sweep.yaml"
-        return path.read_text() if path.is_file() else None
+        return read_text(join(self.root, "sweep.yaml"))
 
     def status(self) -> str:
         """The recorded status; a sweep recorded as running whose process on this host is
@@ -109,36 +94,25 @@ class Journal:
         write_json(join(self.root, "trials", f"{name}.json"), record)
 
     def trials(self) -> dict[str, dict]:
-        out = {}
-        for path in list_json(join(self.root, "trials")):
-            record = read_json(path)
-            if record:
-                out[record["trial"]] = record
-        return out
+        return {record["trial"]: record for record in self._records("trials")}
 
     def save_checkpoint(self, name: str, path: str) -> None:
         """The latest epoch checkpoint of an unfinished trial (where a resume continues)."""
         write_json(join(self.root, "checkpoints", f"{name}.json"), {"trial": name, "path": path})
 
     def checkpoints(self) -> dict[str, str]:
-        out = {}
-        for path in list_json(join(self.root, "checkpoints")):
-            record = read_json(path)
-            if record:
-                out[record["trial"]] = record["path"]
-        return out
+        return {record["trial"]: record["path"] for record in self._records("checkpoints")}
 
     def save_points(self, job: dict, rows: list[dict]) -> None:
         write_json(join(self.root, "points", f"{job_key(job)}.json"), {"job": job, "rows": rows})
 
     def points(self) -> dict[str, dict]:
         """{job key: {"job", "rows"}} of every finished ensemble job."""
-        out = {}
-        for path in list_json(join(self.root, "points")):
-            record = read_json(path)
-            if record:
-                out[job_key(record["job"])] = record
-        return out
+        return {job_key(record["job"]): record for record in self._records("points")}
+
+    def _records(self, folder: str) -> list[dict]:
+        """The readable records in one of the journal's folders."""
+        return [r for r in map(read_json, list_json(join(self.root, folder))) if r]
 
 
 def find_sweeps(storage: str, name: str | None = None) -> list[tuple[Journal, dict]]:

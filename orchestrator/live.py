@@ -10,14 +10,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, sec = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+from trainers.progress import duration_text
 
 
 class LiveView:
@@ -84,8 +77,8 @@ class LiveView:
         best = (f"best on ID val: {self.best[1]} ({100 * self.best[0]:.1f})"
                 if self.best else "best on ID val: none yet")
         return (f"[{self.stage}] {self.done}/{self.total} done · {self.running} running · "
-                f"{self.failed} failed · {best} · elapsed {_duration(elapsed)}"
-                + (f" · ETA {_duration(eta)}" if eta is not None and finished < self.total else ""))
+                f"{self.failed} failed · {best} · elapsed {duration_text(elapsed)}"
+                + (f" · ETA {duration_text(eta)}" if eta is not None and finished < self.total else ""))
 
     def _state(self) -> tuple:
         return (self.stage, self.done, self.running, self.failed, self.best)

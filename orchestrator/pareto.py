@@ -47,6 +47,12 @@ def coefficients_text(row: dict) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in row["coefficients"].items()) or "-"
 
 
+def point_name(row: dict) -> str:
+    """A point as people read it: `ft-00_lr=0.0003`, `ft-00_lr=0.0003 wise_ft alpha=0.4`."""
+    return row["trial"] + ("" if row["ensemble"] == NONE else
+                           f" {row['ensemble']} {coefficients_text(row)}")
+
+
 def groups(rows: Sequence[dict]) -> dict[tuple[str, str], list[int]]:
     """Row indices per (method, ensemble), in first-seen order."""
     out: dict[tuple[str, str], list[int]] = {}

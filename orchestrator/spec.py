@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import os
 import re
@@ -247,6 +248,12 @@ class SweepSpec:
 
     def trials(self) -> list[TrialPoint]:
         """Every method's grid expanded, methods in file order."""
+        return list(self._trial_points)
+
+    @functools.cached_property
+    def _trial_points(self) -> tuple[TrialPoint, ...]:
+        # Expanded once per spec (it is frozen): Tune's callbacks look trials up on every
+        # trial end and checkpoint, and each expansion validates every point's options.
         points: list[TrialPoint] = []
         for entry in self.methods:
             for i, (hparams, options, seed) in enumerate(entry.points()):
@@ -256,12 +263,19 @@ class SweepSpec:
                 name = f"{entry.label}-{i:02d}" + (f"_{label}" if label else "")
                 points.append(TrialPoint(len(points), name, entry.label, entry.method, options,
                                          seed, hparams))
-        return points
+        return tuple(points)
+
+    def trial_named(self, name: str) -> TrialPoint:
+        return self._trials_by_name[name]
+
+    @functools.cached_property
+    def _trials_by_name(self) -> dict[str, TrialPoint]:
+        return {p.name: p for p in self._trial_points}
 
     def trial_for(self, config: dict[str, Any]) -> TrialPoint:
         """The trial a Tune config stands for: {"label": ..., "seed": ..., <option>: value}."""
         hparams = {k: v for k, v in config.items() if k != "label"}
-        for point in self.trials():
+        for point in self._trial_points:
             if point.label == config["label"] and point.hparams == hparams:
                 return point
         raise KeyError(f"no trial of {config['label']!r} with {hparams}")

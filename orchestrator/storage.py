@@ -72,9 +72,9 @@ def _fs(path: str):
     return pyarrow.fs.LocalFileSystem(), path
 
 
-def write_json(path: str, data: Any) -> None:
-    """Write JSON atomically: never a half file that a reader would take as complete."""
-    text = json.dumps(data, indent=1, default=str)
+def write_text(path: str, text: str) -> None:
+    """Write a small file atomically: never a half file that a reader would take as
+    complete (local: temporary file + rename; bucket: one PUT)."""
     try:
         if is_uri(path):
             fs, key = _fs(path)
@@ -94,15 +94,28 @@ def write_json(path: str, data: Any) -> None:
         raise StorageError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def read_json(path: str) -> Any | None:
-    """The JSON at `path`, or None when there is none (or it is unreadable)."""
+def read_text(path: str) -> str | None:
+    """The text at `path`, or None when there is none (or it is unreadable)."""
     try:
         if is_uri(path):
             fs, key = _fs(path)
             with fs.open_input_stream(key) as handle:
-                return json.loads(handle.read())
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+                return handle.read().decode()
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def write_json(path: str, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=1, default=str))
+
+
+def read_json(path: str) -> Any | None:
+    """The JSON at `path`, or None when there is none (or it is unreadable)."""
+    text = read_text(path)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
         return None
 
 

@@ -38,7 +38,7 @@ from orchestrator.features import FeatureCache, trial_ref, zero_shot_ref
 from orchestrator.journal import FAILED, FINISHED, INTERRUPTED, Journal, job_key
 from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_label,
                                  pareto_table, plot_calibration, plot_pareto, plot_reliability,
-                                 select_on_validation)
+                                 point_name, select_on_validation)
 from orchestrator.records import SweepRecords, runs_table_url
 from orchestrator.spec import SweepSpec, TrialPoint
 from orchestrator.storage import check_writable, join
@@ -183,11 +183,6 @@ def point_params(point: TrialPoint, row: dict) -> dict:
             "coefficients": coefficients_text(row), **row["coefficients"]}
 
 
-def point_name(row: dict) -> str:
-    return row["trial"] + ("" if row["ensemble"] == NONE else
-                           f" {row['ensemble']} {coefficients_text(row)}")
-
-
 def point_metrics(row: dict) -> dict[str, float]:
     return {k: v for k, v in row.items() if isinstance(v, float)}
 
@@ -220,9 +215,6 @@ class Sweep:
     @property
     def sweep_id(self) -> str:
         return self.journal.sweep_id
-
-    def points(self) -> dict[str, TrialPoint]:
-        return {p.name: p for p in self.spec.trials()}
 
     # -- called from Tune's callbacks, as each trial ends ---------------------------------
     def trial_started(self, stage: str, trial: Any) -> None:
@@ -263,7 +255,7 @@ class Sweep:
         return done
 
     def record_trial(self, record: dict) -> None:
-        point = self.points()[record["trial"]]
+        point = self.spec.trial_named(record["trial"])
         self.records.child(f"train/{point.name}", point.name, "train", trial_params(point),
                            metrics={"restarts": float(record.get("restarts", 0))},
                            history=record["history"], failed=record["status"] != "ok",
@@ -285,10 +277,10 @@ class Sweep:
         return True
 
     def record_points(self, rows: list[dict]) -> None:
-        points = self.points()
         for row in rows:
             self.records.child(point_key(row), point_name(row), "eval",
-                               point_params(points[row["trial"]], row), metrics=point_metrics(row))
+                               point_params(self.spec.trial_named(row["trial"]), row),
+                               metrics=point_metrics(row))
 
 
 def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
@@ -556,7 +548,14 @@ def _ensemble_stage(sweep: Sweep, points: list[TrialPoint], models: dict[str, st
         done = journal.points()
         if any(job_key(job) not in done for job in jobs):
             raise SweepInterrupted("evaluation stopped before every job finished")
-    rows = [row for job in jobs for row in done[job_key(job)]["rows"]]
+    return finished_rows(spec, points, done)
+
+
+def finished_rows(spec: SweepSpec, points: list[TrialPoint], done: dict[str, dict]) -> list[dict]:
+    """The rows of every finished ensemble job (`done`: the journal's points), in sweep
+    order."""
+    rows = [row for job in ensemble_jobs(spec, points) if job_key(job) in done
+            for row in done[job_key(job)]["rows"]]
     return _sorted_rows(spec, points, rows)
 
 

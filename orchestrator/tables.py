@@ -7,8 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from orchestrator.pareto import (NONE, chosen_per_group, coefficients_text, group_label,
-                                 pareto_front)
+from orchestrator.pareto import chosen_per_group, group_label, pareto_front, point_name
 from orchestrator.report import FoundSweep, format_summary
 
 KEYS = ("trial", "method", "ensemble")
@@ -76,16 +75,17 @@ def compare_sweeps(found: list[FoundSweep], out: str) -> str:
                   f"{len(front)} on its front", format_summary(rows), ""]
         best = max(front, key=lambda r: r["ood_acc"], default=None)
         if best is not None:
-            where = "" if best["ensemble"] == NONE else f" {best['ensemble']} {coefficients_text(best)}"
             lines.insert(-1, f"  best OOD on the front: {100 * best['ood_acc']:.1f} at ID "
-                             f"{100 * best['id_acc']:.1f} ({best['trial']}{where})")
+                             f"{100 * best['id_acc']:.1f} ({point_name(best)})")
     ax.set_xlabel("ID accuracy (%)")
     ax.set_ylabel("OOD accuracy, mean over shifts (%)")
     ax.set_title(" vs ".join(s.sweep_id for s in found), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
     return "\n".join(lines + [f"plot: {out}"])

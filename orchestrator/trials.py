@@ -144,7 +144,7 @@ def _train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     spec = config["spec"]
-    point = next(p for p in spec.trials() if p.name == config["trial"])
+    point = spec.trial_named(config["trial"])
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
     context = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
@@ -261,7 +261,7 @@ def ensemble_trial(config: dict, spec: SweepSpec, checkpoints: dict[str, str],
     """One job of the ensemble stage: config["job"] = {"trial", "ensemble", coefficients}."""
     device = _setup(spec)
     job = config["job"]
-    point = next(p for p in spec.trials() if p.name == job["trial"])
+    point = spec.trial_named(job["trial"])
     if job["ensemble"] == OUTPUTS_JOB:
         rows = outputs_job(spec, point, feature_paths, device)
     else:

@@ -9,9 +9,13 @@ import sys
 import time
 
 
-def _fmt(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`."""
     seconds = int(max(seconds, 0))
-    minutes, sec = divmod(seconds, 60)
+    hours, rest = divmod(seconds, 3600)
+    minutes, sec = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
@@ -64,7 +68,7 @@ class Progress:
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         extra = "".join(f" {k} {v:.4g}" for k, v in info.items())
         print(f"{self.desc}: {100 * self.done / self.total:3.0f}% ({self.done}/{self.total}) "
-              f"elapsed {_fmt(elapsed)} ETA {_fmt(eta)}{extra}", file=self.stream, flush=True)
+              f"elapsed {duration_text(elapsed)} ETA {duration_text(eta)}{extra}", file=self.stream, flush=True)
 
     def __enter__(self) -> "Progress":
         return self
