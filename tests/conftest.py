@@ -32,8 +32,7 @@ def _clone_entries() -> set[str] | None:
         return None
     if done.returncode != 0:
         return None
-    return {line[3:] for line in done.stdout.splitlines()
-            if "__pycache__" not in line and ".pytest_cache" not in line}
+    return {line[3:] for line in done.stdout.splitlines() if "__pycache__" not in line}
 
 
 @pytest.fixture(scope="session", autouse=True)
