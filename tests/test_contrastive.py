@@ -165,10 +165,11 @@ def test_carot_loss_is_smoothed_clip_loss_plus_weighted_oc_and_teacher_to_studen
         start, clip, batch):
     """The whole objective by hand: label-smoothed contrastive loss on the drawn captions
     + lambda_oc ||W_v^T W_v - I||_F + lambda_sd (KL(teacher || student) both ways), the
-    teacher's logits at the teacher's own scale. A teacher that differs from the student
-    makes swapping the KL's arguments or the scales visible."""
+    teacher's logits at the teacher's own scale, + lambda_cross ||W_v W_t^T||_F. A
+    teacher that differs from the student makes swapping the KL's arguments or the
+    scales visible."""
     images, labels = batch
-    options = CaRotOptions(label_smoothing=0.1, lambda_oc=0.3, lambda_sd=2.0)
+    options = CaRotOptions(label_smoothing=0.1, lambda_oc=0.3, lambda_sd=2.0, lambda_cross=0.07)
     task = CaRotTask(copy.deepcopy(clip.model).eval(), prompt_tokens(start, CPU), options,
                      seed=3)
     with torch.no_grad():
@@ -191,8 +192,21 @@ def test_carot_loss_is_smoothed_clip_loss_plus_weighted_oc_and_teacher_to_studen
         mcl = contrastive_loss(s_img, s_txt, student.logit_scale.exp(), 0.1)
         w_v = visual_projection(student)
         oc = torch.linalg.matrix_norm(w_v.T @ w_v - torch.eye(w_v.shape[1]))
+        cross = torch.linalg.matrix_norm(w_v @ student.text_projection.T)   # (width_v, width_t)
         kl = sum(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,
                           reduction="batchmean")
                  for s, t in ((s_logits, t_logits), (s_logits.T, t_logits.T)))
     assert kl > 1e-3                                    # the teacher really differs
-    assert torch.allclose(loss, mcl + 0.3 * oc + 2.0 * kl, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(loss, mcl + 0.3 * oc + 2.0 * kl + 0.07 * cross, rtol=1e-4, atol=1e-5)
+
+
+def test_carot_defaults_are_the_authors_released_command():
+    """example_scripts/carot.sh + src/args.py of MLAI-Yonsei/CaRot: lr 1e-5, batch 512,
+    10 epochs, wd 0.1, warmup 500, --distil_coef 1.5, --l_orth_wv 0.2, EMA every 500 steps
+    from 0.05 to 0.9 over 20 %, --cross_fnorm 0.05, no --ls (label smoothing 0)."""
+    o = CaRotOptions()
+    assert (o.lr, o.batch_size, o.epochs, o.weight_decay, o.warmup_steps, o.grad_clip) == \
+        (1e-5, 512, 10, 0.1, 500, None)
+    assert (o.lambda_sd, o.lambda_oc, o.lambda_cross, o.label_smoothing) == (1.5, 0.2, 0.05, 0.0)
+    assert (o.ema_every, o.ema_momentum_start, o.ema_momentum_end, o.ema_warmup_fraction) == \
+        (500, 0.05, 0.9, 0.2)
