@@ -252,7 +252,7 @@ def weights_job(spec: SweepSpec, point: TrialPoint, ensemble_name: str, coeffici
     model = entry.ensemble.mix(assets.start.zero_shot, fine_tuned.classifier, coefficients,
                                entry.options)
     per_set = evaluate(model, assets.bench.eval_sets(), device, batch_size=spec.eval.batch_size,
-                       num_workers=spec.eval.num_workers)
+                       num_workers=spec.eval.num_workers, precision=spec.eval.precision)
     return [point_row(point, ensemble_name, coefficients, per_set, assets.bench.shift_names)]
 
 
