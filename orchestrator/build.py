@@ -13,10 +13,11 @@ import torch
 from torch.utils.data import Dataset
 
 from orchestrator.spec import BenchmarkSpec, ModelSpec, SweepSpec
-from trainers.data import Benchmark, EvalSet, identity_groups, load_csv_split
+from trainers.data import Benchmark, DataError, EvalSet, identity_groups, load_csv_split
+from trainers.data.suites import TRAIN, SuiteOptions, count_mismatches, get_suite
 from trainers.data.folders import ShiftSource, load_imagefolder_benchmark, load_shift
-from trainers.models import (TOY_ARCH, ImageClassifier, LoadedClip, load_clip,
-                             native_size_transform, zero_shot_classifier)
+from trainers.models import (HF_HUB, TOY_ARCH, ImageClassifier, LoadedClip, ModelError,
+                             load_clip, native_size_transform, zero_shot_classifier)
 from trainers.cache import cache_dir, fingerprint
 from trainers.methods import Fitted, StartPoint
 from trainers.progress import progress_callback
@@ -49,7 +50,21 @@ def load_model(model: ModelSpec, device: str | torch.device = "cpu") -> LoadedCl
     if model.config:  # a user's own architecture: register it in this process too
         import open_clip
         open_clip.add_model_config(Path(model.config))
+    if model.pretrained is None and not model.arch.startswith(HF_HUB):
+        # random weights only when asked for (`pretrained: none`); the spec checks say so first
+        raise ModelError(f"model.pretrained: required for {model.arch} (a pretrained tag, a "
+                         "checkpoint file, or `none` for random weights)")
     return load_clip(model.arch, model.pretrained, augment=model.augment, device=device)
+
+
+def download_problem(model: ModelSpec) -> tuple[str, str] | None:
+    """(field, one-line message) when the model's weights must be downloaded (a tag, an
+    hf-hub: model, not in open_clip's or the Hugging Face cache) and this machine is
+    offline (HF_HUB_OFFLINE); None otherwise. Looks at the caches only, no network."""
+    from trainers.models import RANDOM_INIT, offline_problem
+    if model.arch == "toy" or model.pretrained == RANDOM_INIT:
+        return None
+    return offline_problem(model.arch, model.pretrained)
 
 
 def _format_strings(templates) -> tuple[str, ...]:
@@ -89,7 +104,35 @@ def check_benchmark(b: BenchmarkSpec) -> Benchmark | None:
     return None
 
 
+def suite_options(b: BenchmarkSpec) -> SuiteOptions:
+    """What a `suite:` block tells its suite (the templates default to the 80 OpenAI ones)."""
+    return SuiteOptions(root=Path(b.root), shifts={n: Path(s.path) for n, s in b.shifts.items()},
+                        val_fraction=0.02 if b.val_fraction is None else b.val_fraction,
+                        classes=tuple(b.classes) if b.classes is not None else None,
+                        domain=b.domain, templates=templates_for(b))
+
+
+def count_notes(b: BenchmarkSpec, bench: Benchmark | None) -> list[str]:
+    """A suite's sets whose image count differs from the published one, one `warning:`
+    line each (a partial ObjectNet copy misleads); with a class subset, one note that
+    counts are not compared. With `strict_counts` a difference raises DataError."""
+    if b.suite is None or bench is None:
+        return []
+    if b.classes is not None:
+        return [f"note: benchmark: a class subset of {b.suite} ({len(b.classes)} classes): "
+                "image counts are not compared with the published ones"]
+    found = [f"{'train (with id_val)' if name == TRAIN else name} has {n:,} images, the "
+             f"published set {count:,}"
+             for name, n, count in count_mismatches(get_suite(b.suite), bench, suite_options(b))]
+    if found and b.strict_counts:
+        more = f" (and {len(found) - 1} more set(s) differ)" if len(found) > 1 else ""
+        raise DataError(f"strict_counts: {found[0]}{more}")
+    return [f"warning: benchmark: {line}" for line in found]
+
+
 def _load_files_benchmark(b: BenchmarkSpec, train_tf, eval_tf) -> Benchmark:
+    if b.suite is not None:
+        return get_suite(b.suite).load(suite_options(b), train_tf, eval_tf)
     shifts = {name: ShiftSource(path=Path(s.path), format=s.format,
                                 class_map={k: tuple(v) for k, v in s.class_map.items()}
                                 if s.class_map else None,
@@ -99,7 +142,7 @@ def _load_files_benchmark(b: BenchmarkSpec, train_tf, eval_tf) -> Benchmark:
         return load_imagefolder_benchmark(
             Path(b.root), b.classnames, templates_for(b), shifts,
             train_transform=train_tf, eval_transform=eval_tf,
-            val_fraction=b.val_fraction, folder_names=b.folder_names)
+            val_fraction=b.val_fraction or 0.0, folder_names=b.folder_names)
     return _csv_benchmark(b, train_tf, eval_tf, templates_for(b), shifts)
 
 
@@ -119,7 +162,10 @@ def _csv_benchmark(b: BenchmarkSpec, train_tf, eval_tf, templates, shifts) -> Be
 
 
 def zero_shot(clip: LoadedClip, bench: Benchmark, device: torch.device) -> ImageClassifier:
-    return zero_shot_classifier(clip, bench.classnames, bench.templates, device)
+    # The image tower is shared with `clip.model` (a ViT-B-32 tower is 0.35 GB): the
+    # assets are never trained in place, methods and ensembles copy what they change.
+    return zero_shot_classifier(clip, bench.classnames, bench.templates, device,
+                                copy_tower=False)
 
 
 TRAIN_EVAL = "id_train"

@@ -109,7 +109,7 @@ def sweep(ctx: click.Context, sweep_file: str, overrides: tuple[str, ...], dry_r
 
     KEY=VALUE pairs after the file change it as if it said so (`method.lr=1e-4`,
     `grid.seed=[0,1,2]`, `methods.1.epochs=3`); the effective file is what is recorded."""
-    from orchestrator.build import check_benchmark
+    from orchestrator.build import check_benchmark, count_notes, download_problem
     from orchestrator.checks import check_images
     from orchestrator.spec import load_spec
     from orchestrator.storage import StorageError, check_writable
@@ -117,8 +117,16 @@ def sweep(ctx: click.Context, sweep_file: str, overrides: tuple[str, ...], dry_r
     verbose = ctx.obj["verbose"]
     try:
         spec = load_spec(sweep_file, overrides)
+        offline = download_problem(spec.model)    # weights to download, and no network
+        if offline and not dry_run:               # a sweep stops before anything starts
+            raise SpecError(*offline)
+        if offline:                               # a plan may be made offline
+            click.echo(f"note: {': '.join(offline)} (without --dry-run, `orch sweep` "
+                       "stops here)", err=True)
         check_writable(spec.storage_path)
         bench = check_benchmark(spec.benchmark)
+        for line in count_notes(spec.benchmark, bench):   # before reading any image
+            click.echo(line, err=True)
         if bench is not None:
             check_images(bench)
     except SpecError as err:
@@ -247,7 +255,8 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
     trained = [p for p in points if p.trained]
     click.echo(f"sweep {spec.name}: model {spec.model.arch}"
                + (f" ({spec.model.pretrained})" if spec.model.pretrained else "")
-               + f", benchmark {spec.benchmark.source}")
+               + f", benchmark {'suite ' if spec.benchmark.suite else ''}"
+                 f"{spec.benchmark.source}")
     click.echo(f"{len(points)} trial(s), {len(trained)} of them trained; "
                f"{spec.num_points()} point(s) to evaluate")
     for entry in spec.methods:
@@ -286,13 +295,16 @@ def _set_sizes(spec, bench) -> list[tuple[str, int, int, str]]:
                 for split in world.EVAL_SPLITS if split != "id_train"]
     else:
         n, train = bench.num_classes, len(bench.train)
-        sets = [(name, s.num_classes, len(s.dataset), name in bench.diagnostics)
+        sets = [(name, s.num_classes, len(s.dataset), name in bench.diagnostics,
+                 any(len(g) > 1 for g in s.class_groups))
                 for name, s in bench.eval_sets().items()]
     sizes = [("train", n, train, "ID training")]
-    for name, classes, images, diagnostic in sets:
+    for name, classes, images, diagnostic, *mapped in sets:
         role = ("ID validation" if name == "id_val" else "ID test" if name == "id_test"
                 else "diagnostic" if diagnostic else "shift")
-        if classes != n:
+        if mapped and mapped[0]:
+            role += f", its {classes} classes mapped onto the {n} (max logit)"
+        elif classes != n:
             role += f", {classes} of {n} classes"
         sizes.append((name, classes, images, role))
     return sizes

@@ -100,7 +100,8 @@ def preprocess_config(assets) -> dict[str, Any]:
     size = cfg.get("size", assets.clip.model.visual.image_size)
     return {"image_size": tuple(size) if isinstance(size, (list, tuple)) else size,
             "mean": tuple(cfg.get("mean", ())) or None, "std": tuple(cfg.get("std", ())) or None,
-            "interpolation": cfg.get("interpolation"), "resize_mode": cfg.get("resize_mode")}
+            "interpolation": cfg.get("interpolation"), "resize_mode": cfg.get("resize_mode"),
+            "fill_color": cfg.get("fill_color", 0)}     # the padding of resize_mode "longest"
 
 
 def save_export(path: Path, assets, model: PointModel, point: dict[str, Any]) -> None:
@@ -146,6 +147,7 @@ def export_sweep(sweep: str, storage_path: str, out: Path, trial: str | None = N
     from orchestrator.build import load_assets, load_fitted
     from orchestrator.sweep import finished_rows
     from orchestrator.sync import SyncError, find_journal, journal_spec
+    from trainers.models import ModelError
     try:
         journal = find_journal(sweep, storage_path)
     except SyncError as err:
@@ -177,7 +179,10 @@ def export_sweep(sweep: str, storage_path: str, out: Path, trial: str | None = N
         raise ExportError(f"trial {trial} of sweep {journal.sweep_id} failed: it has no model "
                           f"({record.get('error') or record.get('status')})")
     device = torch.device("cpu")
-    assets = load_assets(spec, device)
+    try:
+        assets = load_assets(spec, device)
+    except ModelError as err:     # weights to download offline, a file gone since the sweep
+        raise ExportError(str(err)) from None
     fitted = load_fitted(assets, record["model"] if record else None, device)
     model = point_model(assets, fitted, ensemble, coefficients)
     save_export(out, assets, model, point_summary(row, trial, ensemble, coefficients))

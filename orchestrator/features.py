@@ -75,13 +75,16 @@ def file_digest(path: str | Path) -> str:
 def zero_shot_ref(spec: SweepSpec, bench) -> ModelRef:
     """The zero-shot model's identity: its weights (file content or pretrained tag), its
     architecture config, and the class names and templates its head is built from."""
+    from trainers.models import RANDOM_INIT, random_init_identity
     if spec.model.arch == "toy":
         from trainers.toyworld.pretrain import toy_clip_checkpoint
         weights = file_digest(toy_clip_checkpoint(progress=False))
+    elif spec.model.pretrained == RANDOM_INIT:
+        weights = random_init_identity()        # seeded: the same weights in every process
     elif spec.model.pretrained and Path(spec.model.pretrained).is_file():
         weights = file_digest(spec.model.pretrained)
     else:
-        weights = spec.model.pretrained or "random-init"
+        weights = spec.model.pretrained or "hf-hub"   # a tag, or the weights an hf-hub: arch names
     config = file_digest(spec.model.config) if spec.model.config else None
     identity = fingerprint({"arch": spec.model.arch, "weights": weights, "config": config,
                             "classnames": bench.classnames, "templates": bench.templates}, 32)
@@ -94,7 +97,8 @@ def trial_ref(name: str, checkpoint: str) -> ModelRef:
 
 def dataset_fingerprint(dataset) -> str:
     """What the images and labels of a dataset are: array contents for in-memory sets,
-    (path, label, size, mtime) per file for image files."""
+    (path, label, size, mtime) per file for image files, and the border cut from each
+    image (so an uncropped entry of the same files is never reused)."""
     h = hashlib.sha256()
     if hasattr(dataset, "images"):                       # ArrayImageDataset
         h.update(np.ascontiguousarray(dataset.images).data)
@@ -103,6 +107,8 @@ def dataset_fingerprint(dataset) -> str:
         for path, label in zip(dataset.paths, dataset.labels):
             stat = os.stat(path)
             h.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if getattr(dataset, "border", 0):                # cut frame (ObjectNet): other pixels
+            h.update(f"border={dataset.border}\n".encode())
     else:
         raise FeatureCacheError(f"cannot fingerprint a {type(dataset).__name__} for the cache")
     h.update(str(len(dataset)).encode())
@@ -127,6 +133,7 @@ class FeatureCache:
     def key(self, model: ModelRef, set_name: str) -> str:
         return fingerprint({"version": FORMAT_VERSION, "model": model.identity,
                             "preprocessing": self.preprocessing,
+                            "precision": self.spec.eval.precision,
                             "dataset": self._set_ids[set_name]}, 32)
 
     def path(self, model: ModelRef, set_name: str) -> Path:
@@ -316,6 +323,7 @@ class FeatureEncoder:
         self.assets = load_assets(spec, self.device)
         self.datasets = feature_datasets(self.assets.bench)
         self.segments = segments
+        self.precision = spec.eval.precision
         self.starts = np.cumsum([0] + [n for *_, n in segments])
         self._load_fitted = load_fitted
         self._models: dict[str, torch.nn.Module] = {}
@@ -346,7 +354,7 @@ class FeatureEncoder:
             images = torch.stack([image for image, _ in items])
             labels = np.array([label for _, label in items], dtype=np.int64)
             features, logits = encode_batch(self._classifier(name, checkpoint), images,
-                                            self.device)
+                                            self.device, self.precision)
             tables.append(pa.table({
                 "segment": pa.array(np.full(len(index), seg, dtype=np.int64)),
                 "index": pa.array(index.astype(np.int64)), "label": pa.array(labels),

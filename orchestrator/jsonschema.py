@@ -97,9 +97,29 @@ def _ensemble_entry(name: str, legacy: bool = False) -> dict:
     return schema
 
 
+def _benchmark_schema() -> dict:
+    """BenchmarkSpec's schema, with what the parser reads beyond its types: the suite and
+    domain names, and a shift given as its folder alone (or, for a suite of domains, a
+    list of domain names)."""
+    from orchestrator.spec import BenchmarkSpec, ShiftSpec
+    from trainers.data.suites import SUITES
+    schema = dataclass_schema(BenchmarkSpec)
+    props = schema["properties"]
+    props["suite"] = {"anyOf": [{"enum": sorted(SUITES)}, {"type": "null"}], "default": None,
+                      "description": "a named benchmark suite (docs/benchmarks.md)"}
+    domains = sorted({d for suite in SUITES.values() for d in suite.domains})
+    props["domain"] = {"anyOf": [{"enum": domains}, {"type": "null"}], "default": None,
+                       "description": "suite domainnet: the ID domain"}
+    folder = {"type": "string", "description": "the shift's folder"}
+    props["shifts"] = {"default": {}, "anyOf": [
+        {"type": "object", "additionalProperties": {"anyOf": [dataclass_schema(ShiftSpec), folder]}},
+        {"type": "array", "items": {"type": "string"},
+         "description": "suite domainnet: shift domains, read from root"}]}
+    return schema
+
+
 def sweep_schema() -> dict:
-    from orchestrator.spec import (BenchmarkSpec, EvalSpec, FeaturesSpec, ModelSpec,
-                                   ResourcesSpec)
+    from orchestrator.spec import EvalSpec, FeaturesSpec, ModelSpec, ResourcesSpec
     methods = sorted(METHODS)
     ensembles = sorted(ENSEMBLES)
     single_methods = {"oneOf": [_method_entry(m, with_grid=False) for m in methods]}
@@ -114,7 +134,7 @@ def sweep_schema() -> dict:
         "properties": {
             "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]+$"},
             "experiment": {"type": "string"},
-            "benchmark": dataclass_schema(BenchmarkSpec),
+            "benchmark": _benchmark_schema(),
             "model": dataclass_schema(ModelSpec),
             "method": single_methods,
             "grid": {"type": "object", "description": "one training trial per combination",

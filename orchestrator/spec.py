@@ -26,6 +26,7 @@ from orchestrator.schema import SpecError, coerce, field_types, parse_dataclass
 from orchestrator.storage import check_uri, is_uri
 from trainers.ensembles import REGISTRY as ENSEMBLES
 from trainers.ensembles import get_ensemble
+from trainers.evaluate import PRECISIONS
 from trainers.methods import REGISTRY as METHODS
 from trainers.methods import get_method
 
@@ -67,6 +68,9 @@ def shift_name_problem(name: str) -> str | None:
 @dataclass(frozen=True)
 class BenchmarkSpec:
     source: str = "toyworld"
+    # a named suite instead of a source (trainers/data/suites, docs/benchmarks.md):
+    # imagenet | domainnet, with `root`, `shifts` and the suite keys at the end
+    suite: str | None = None
     # toyworld: use only the first N images of the training set / of each eval set
     train_size: int | None = None
     eval_size: int | None = None
@@ -77,18 +81,40 @@ class BenchmarkSpec:
     test: str | None = None
     classnames: list[str] | None = None
     templates: str | list[str] | None = None         # "openai", "simple" or a list with "{}"
-    val_fraction: float = 0.0
+    # held out of the training images as ID validation; default 0 for imagefolder (its
+    # val/ folder is ID validation), 0.02 for a suite
+    val_fraction: float | None = None
     folder_names: str = "classnames"
     shifts: dict[str, ShiftSpec] = field(default_factory=dict)
+    # suites only
+    classes: list[str] | None = None    # restrict to these classes (ImageNet wnids, DomainNet folders)
+    domain: str | None = None           # DomainNet: the ID domain
+    strict_counts: bool = False         # a set unlike its published size is an error, not a warning
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.suite is not None:
+            _check_suite(self)
+            object.__setattr__(self, "source", self.suite)   # what records and plans show
+        elif self.source not in SOURCES:
+            hint = (f" (a named suite is `suite: {self.source}`)"
+                    if self.source in _suites() else "")
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}"
+                             + hint)
+        else:
+            for key in ("classes", "domain"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only a suite takes it (suite: "
+                                     f"{' or '.join(_suites())})")
+            if self.strict_counts:
+                raise ValueError("strict_counts: only a suite has published image counts")
+        if self.classnames is not None and len(set(self.classnames)) != len(self.classnames):
+            twice = next(c for i, c in enumerate(self.classnames) if c in self.classnames[:i])
+            raise ValueError(f"classnames: {twice!r} is listed twice")
         for name in ("train_size", "eval_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= self.val_fraction < 1.0:
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.folder_names not in FOLDER_NAMES:
             raise ValueError(f"folder_names must be classnames or index, got {self.folder_names!r}")
@@ -103,10 +129,60 @@ class BenchmarkSpec:
                 raise ValueError(f"shifts.{name}: {problem}")
 
 
+def _suites() -> dict:
+    from trainers.data.suites import SUITES
+    return SUITES
+
+
+def _check_suite(b: BenchmarkSpec) -> None:
+    """The keys of a `suite:` block, each wrong one a ValueError naming it."""
+    suites = _suites()
+    if b.suite not in suites:
+        raise ValueError(f"suite must be one of {', '.join(suites)}, got {b.suite!r}")
+    suite = suites[b.suite]
+    for key, how in (("classnames", "restrict them with `classes:`"),
+                     ("train", "it reads `root`"), ("val", "it holds out `val_fraction` of train"),
+                     ("test", "it reads `root`"), ("train_size", "restrict it with `classes:`"),
+                     ("eval_size", "restrict it with `classes:`")):
+        if getattr(b, key) is not None:
+            raise ValueError(f"{key}: not a key of suite {b.suite}: {how}")
+    if b.folder_names != "classnames":
+        raise ValueError(f"folder_names: not a key of suite {b.suite}: it knows its folders")
+    if b.val_fraction is not None and not 0.0 < b.val_fraction < 1.0:
+        raise ValueError(f"val_fraction: suite {b.suite} holds out part of its training images "
+                         f"as ID validation: must be in (0, 1), got {b.val_fraction}")
+    if suite.domains:
+        if b.domain is not None and b.domain not in suite.domains:
+            raise ValueError(f"domain: {b.domain!r} is not one of {', '.join(suite.domains)}")
+    elif b.domain is not None:
+        raise ValueError(f"domain: not a key of suite {b.suite}")
+    for name, shift in b.shifts.items():
+        known = [s for s in suite.shifts if s != b.domain]
+        if name not in known:
+            raise ValueError(f"shifts.{name}: not a shift of suite {b.suite} (known: "
+                             f"{', '.join(known)})")
+        for key, default in (("format", "imagefolder"), ("class_map", None),
+                             ("folder_names", "classnames")):
+            if getattr(shift, key) != default:
+                raise ValueError(f"shifts.{name}.{key}: suite {b.suite} knows how its shifts "
+                                 "are stored; give the folder only")
+    if b.classes is not None:
+        if not b.classes:
+            raise ValueError("classes: an empty list (leave it out for every class)")
+        known_ids = set(suite.class_ids()) if suite.class_ids else None
+        for i, cls in enumerate(b.classes):
+            if known_ids is not None and cls not in known_ids:
+                raise ValueError(f"classes[{i}]: {cls!r} is not a class of suite {b.suite}")
+            if cls in b.classes[:i]:
+                raise ValueError(f"classes[{i}]: {cls!r} is listed twice")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str = "toy"             # "toy" (orch's toy CLIP) or an open_clip architecture
-    pretrained: str | None = None  # open_clip tag ("openai") or a checkpoint file
+    # An open_clip tag ("openai"), a checkpoint file, or "none" (random weights, any case):
+    # required for a real architecture, unset for the toy CLIP and hf-hub: models.
+    pretrained: str | None = None
     config: str | None = None      # an open_clip model-config JSON registering `arch`
     # Train with open_clip's training augmentation (random resized crop); false trains on
     # the evaluation preprocessing. The toy CLIP always trains without augmentation.
@@ -141,12 +217,18 @@ class ResourcesSpec:
 class EvalSpec:
     batch_size: int = 256
     num_workers: int = 0
+    # On a GPU: fp32 (the papers' protocol) or bf16 autocast (faster; moves ~0.7 % of
+    # ImageNet top-1 predictions). A CPU always evaluates in fp32.
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -440,7 +522,8 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
     if not all(c.isalnum() or c in "-_." for c in name):
         raise SpecError("name", f"use letters, digits, '-', '_' or '.', got {name!r}")
 
-    benchmark = parse_dataclass(BenchmarkSpec, raw.get("benchmark"), "benchmark")
+    benchmark = parse_dataclass(BenchmarkSpec, _shift_shorthands(raw.get("benchmark")),
+                                "benchmark")
     model = parse_dataclass(ModelSpec, raw.get("model"), "model")
     methods = _parse_methods(raw)
     ensembles = _parse_ensembles(raw, methods)
@@ -477,6 +560,38 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
                      source_file=source_file)
 
 
+def _shift_shorthands(data: Any) -> Any:
+    """The `benchmark:` mapping with its shorter shift forms spelt out: `name: FOLDER` for
+    `name: {path: FOLDER}`, and (a suite of domains) a list of names for shifts under
+    `root`. A suite block may not also name a `source`."""
+    if not isinstance(data, dict):
+        return data
+    if "suite" in data and "source" in data:
+        raise SpecError("benchmark.source", "a suite brings its own layout: give `suite:` or "
+                                            "`source:`, not both")
+    shifts = data.get("shifts")
+    if isinstance(shifts, list):
+        suite = _suites().get(data.get("suite"))
+        if suite is None or not suite.domains:
+            raise SpecError("benchmark.shifts", "a list of shift names is for a suite of "
+                            "domains (suite: domainnet); give `name: folder` pairs")
+        spelt = {}
+        for i, name in enumerate(shifts):
+            if not isinstance(name, str):
+                raise SpecError(f"benchmark.shifts[{i}]", f"expected a domain name, got {name!r}")
+            if name in spelt:
+                raise SpecError(f"benchmark.shifts[{i}]", f"{name!r} is listed twice")
+            if not isinstance(data.get("root"), str):
+                raise SpecError("benchmark.root", f"required: the shifts {shifts} are "
+                                                  "read from it")
+            spelt[name] = {"path": data["root"]}
+        return {**data, "shifts": spelt}
+    if isinstance(shifts, dict):
+        return {**data, "shifts": {k: {"path": v} if isinstance(v, str) else v
+                                   for k, v in shifts.items()}}
+    return data
+
+
 def _absolute_paths(obj: Any, names: tuple[str, ...]) -> Any:
     """Resolve path fields against the working directory now, on the driver (a pretrained
     *tag* such as "openai" stays as it is: it names no file)."""
@@ -485,6 +600,9 @@ def _absolute_paths(obj: Any, names: tuple[str, ...]) -> Any:
         value = getattr(obj, name)
         if value:
             value = os.path.expandvars(value)   # $DATA/imagenet: one place to set a mount
+        if name == "pretrained" and value and value.strip().lower() == RANDOM_INIT:
+            changes[name] = RANDOM_INIT         # random weights, never a file called "none"
+            continue
         if value and (name != "pretrained" or Path(value).expanduser().exists()
                       or "/" in value or value.endswith((".pt", ".bin", ".safetensors"))):
             changes[name] = str(Path(value).expanduser().resolve())
@@ -654,8 +772,15 @@ def check_spec_paths(spec: SweepSpec) -> None:
                 check_csv_classes(Path(getattr(b, split)), b.classnames)
             except DataError as err:
                 raise SpecError(f"benchmark.{split}", str(err)) from None
+    if b.suite is not None:
+        if b.root is None:
+            raise SpecError("benchmark.root", f"required for suite {b.suite}")
+        _require(Path(b.root), "benchmark.root", folder=True)
+        if _suites()[b.suite].domains and b.domain is None:
+            raise SpecError("benchmark.domain", f"required for suite {b.suite}: its ID domain, "
+                            f"one of {', '.join(_suites()[b.suite].domains)}")
     for name, shift in b.shifts.items():
-        _require(Path(shift.path), f"benchmark.shifts.{name}.path",
+        _require(Path(shift.path), f"benchmark.shifts.{name}" + ("" if b.suite else ".path"),
                  folder=shift.format == "imagefolder")
     if b.source == "toyworld" and b.shifts:
         raise SpecError("benchmark.shifts", "the toy world brings its own shifts")
@@ -663,6 +788,7 @@ def check_spec_paths(spec: SweepSpec) -> None:
 
 
 HF_HUB = "hf-hub:"
+RANDOM_INIT = "none"       # `pretrained: none`: random weights (trainers.models.RANDOM_INIT)
 _HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -673,8 +799,11 @@ def _close_names(word: str, options: list[str]) -> str:
 
 def _check_model(model: ModelSpec) -> None:
     """The architecture is known to open_clip (or an `hf-hub:<org>/<name>` model, checked
-    by its form only: no network here), and a pretrained tag is one open_clip has for it."""
-    pretrained_file = bool(model.pretrained) and (
+    by its form only: no network here), and a real architecture says which weights: a
+    tag open_clip has for it, a file, or "none" (random weights). Whether weights to
+    download can be had is `orch sweep`'s check at its start (build.download_problem)."""
+    random_init = model.pretrained == RANDOM_INIT
+    pretrained_file = bool(model.pretrained) and not random_init and (
         "/" in model.pretrained or model.pretrained.endswith((".pt", ".bin", ".safetensors")))
     if model.pretrained and model.arch == "toy":
         raise SpecError("model.pretrained", "the toy CLIP is pre-trained by orch; leave it unset")
@@ -699,8 +828,13 @@ def _check_model(model: ModelSpec) -> None:
         hint = _close_names(model.arch, archs) or \
             "see open_clip.list_models(), or use hf-hub:<org>/<name>"
         raise SpecError("model.arch", f"unknown open_clip architecture {model.arch!r}; {hint}")
-    if model.pretrained and not pretrained_file and not Path(model.pretrained).is_file():
-        tags = open_clip.list_pretrained_tags_by_model(model.arch)
+    tags = open_clip.list_pretrained_tags_by_model(model.arch)
+    if model.pretrained is None:
+        which = (f"one of its pretrained tags ({', '.join(tags)}), a checkpoint file"
+                 if tags else "a checkpoint file (open_clip has no pretrained tags for it)")
+        raise SpecError("model.pretrained", f"required for {model.arch}: {which}, or `none` "
+                                            "for random weights")
+    if not random_init and not pretrained_file and not Path(model.pretrained).is_file():
         tag = model.pretrained.lower().replace("-", "_")   # how open_clip reads a tag
         if tag not in tags:
             hint = _close_names(tag, tags) or (

@@ -216,6 +216,7 @@ FRACTION = "must be in [0, 1)"
     ({"resources": "{workers_per_trial: 0}"}, "resources.workers_per_trial", "must be >= 1"),
     ({"eval": "{batch_size: 0}"}, "eval.batch_size", "must be >= 1"),
     ({"eval": "{num_workers: -1}"}, "eval.num_workers", "must be >= 0"),
+    ({"eval": "{precision: fp16}"}, "eval.precision", "must be one of fp32, bf16"),
     ({"features": "{batch_size: -1}"}, "features.batch_size", "must be >= 1"),
     ({"features": "{cpus_per_actor: .nan}"}, "features.cpus_per_actor", FINITE),
     ({"features": "{gpus_per_actor: -0.5}"}, "features.gpus_per_actor", "must be >= 0"),
@@ -355,6 +356,94 @@ def test_load_clip_takes_an_hf_hub_name(monkeypatch):
         load_clip("hf-hub:org/name", "openai")
     with pytest.raises(ModelError, match="model.pretrained: 'openia'"):
         load_clip("ViT-B-32", "openia")
+
+
+def test_a_real_architecture_without_pretrained_lists_its_tags(tmp_path, no_network):
+    """No silent random init: `pretrained` left out (or YAML null) is one line naming
+    every pretrained tag open_clip has for the architecture."""
+    import open_clip
+    for model in ("{arch: ViT-B-32}", "{arch: ViT-B-32, pretrained: null}"):
+        line = dry_run(write(tmp_path, sweep_text(model=model)))
+        assert "model.pretrained: required for ViT-B-32: one of its pretrained tags (" in line
+        assert "or `none` for random weights" in line
+        for tag in open_clip.list_pretrained_tags_by_model("ViT-B-32"):
+            assert tag in line, tag
+
+
+@pytest.mark.parametrize("spelling", ["none", "None", "NONE"])
+def test_random_weights_are_asked_for_with_none(tmp_path, no_network, monkeypatch, spelling):
+    from orchestrator.spec import load_spec
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "none").write_text("not a checkpoint")    # "none" never names a file
+    path = write(tmp_path, sweep_text(model=f"{{arch: RN50, pretrained: {spelling}}}"))
+    assert "model RN50 (none)" in dry_run_ok(path)
+    assert load_spec(path).model.pretrained == "none"
+
+
+def test_the_toy_model_takes_no_pretrained_not_even_none(tmp_path):
+    line = dry_run(write(tmp_path, sweep_text(model="{arch: toy, pretrained: none}")))
+    assert "model.pretrained: the toy CLIP is pre-trained by orch; leave it unset" in line
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """open_clip's download cache (~/.cache/clip) and the Hugging Face cache, both empty."""
+    from huggingface_hub import constants
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.mark.parametrize("model, field, who", [
+    ("{arch: ViT-B-32, pretrained: openai}", "model.pretrained", "ViT-B-32 'openai'"),
+    ("{arch: RN50, pretrained: yfcc15m}", "model.pretrained", "RN50 'yfcc15m'"),
+    ("{arch: 'hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K'}", "model.arch",
+     "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
+])
+def test_weights_to_download_on_an_offline_machine_are_one_line(tmp_path, no_network,
+                                                                 empty_caches, model, field,
+                                                                 who):
+    """HF_HUB_OFFLINE=1 and weights in no cache: `orch sweep` stops at its start in one
+    line naming the model, that it needs a download, and what to do, before anything
+    starts (no MLflow store, no storage folder); a dry run plans it and says so."""
+    path = write(tmp_path, sweep_text(model=model, storage_path=str(tmp_path / "runs")))
+    env = {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    result = CliRunner().invoke(main, ["sweep", str(path)], env=env)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and f" {field}: {who} needs a download from " in line
+    assert "offline (HF_HUB_OFFLINE)" in line and "run once with internet" in line
+    assert "local checkpoint file" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+    planned = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"], env=env)
+    assert planned.exit_code == 0, planned.output
+    (note,) = [n for n in planned.output.splitlines() if n.startswith("note: ")]
+    assert f"note: {field}: {who} needs a download from " in note
+    assert note.endswith("(without --dry-run, `orch sweep` stops here)")
+
+
+def test_load_clip_offline_is_a_model_error(no_network, empty_caches, monkeypatch):
+    """Where a trial or `orch export` loads the model itself (another node, say)."""
+    from trainers.models import ModelError, load_clip
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"^model.pretrained: RN50 'openai' needs a download "
+                                         r"from the Hugging Face hub \(timm/resnet50_clip"):
+        load_clip("RN50", "openai")
+
+
+def test_a_failed_download_is_one_line_saying_what_to_do(no_network, empty_caches,
+                                                         monkeypatch):
+    """Online as far as the flags know, but no host answers (every connection refused)."""
+    from huggingface_hub import constants
+
+    from trainers.models import ModelError, load_clip
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelError) as caught:
+        load_clip("RN50", "openai")
+    message = str(caught.value)
+    assert message.startswith("model.pretrained: RN50 'openai' needs a download from ")
+    assert "the download failed (" in message and "run once with internet" in message
+    assert "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------

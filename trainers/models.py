@@ -3,7 +3,12 @@
 One code path for real and toy models: the toy CLIP is an open_clip model config
 (`orch-toy-rn`, registered from a JSON file in this package) plus a checkpoint file
 that orch pre-trains itself; real models are any open_clip architecture with a
-pretrained tag (downloads where a user has internet) or a local checkpoint file.
+pretrained tag (downloads where a user has internet) or a local checkpoint file, or
+random weights when asked for (`pretrained: none`, for tests and smoke runs).
+
+Random weights are drawn from a fixed seed: every process of a sweep (the driver, each
+Ray actor, `orch export`) builds the model itself, and torch seeds each new process
+differently, so an unseeded random init gives each process another zero-shot model.
 
 The classifier is `head(normalize(image_encoder(x)))` with the head initialised from
 the zero-shot head (weights `s * W_zs`, bias 0; docs/methods.md, "Shared pieces").
@@ -11,6 +16,7 @@ the zero-shot head (weights `s * W_zs`, bias 0; docs/methods.md, "Shared pieces"
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +33,8 @@ TOY_ARCH = "orch-toy-rn"
 HF_HUB = "hf-hub:"   # open_clip's prefix for a model (config and weights) on the Hugging Face hub
 _TOY_CONFIG = Path(__file__).parent / "toyworld" / f"{TOY_ARCH}.json"
 open_clip.add_model_config(_TOY_CONFIG)
+RANDOM_INIT = "none"          # `pretrained: none`: random weights, drawn from RANDOM_INIT_SEED
+RANDOM_INIT_SEED = 0
 
 
 class ModelError(ValueError):
@@ -44,14 +52,93 @@ class LoadedClip:
     arch: str
 
 
+def is_random_init(pretrained: str | None) -> bool:
+    """None (a library caller's default) or "none" (a sweep file's spelling, any case)."""
+    return pretrained is None or pretrained.strip().lower() == RANDOM_INIT
+
+
+def random_init_identity() -> str:
+    """What random weights are: the seed and the code that draws them (a feature-cache key)."""
+    return (f"random-init seed={RANDOM_INIT_SEED} open_clip={open_clip.__version__} "
+            f"torch={torch.__version__}")
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as the environment says now (huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cached(repo: str, filename: str) -> bool:
+    """A file of a hub repository (or its safetensors twin, which open_clip prefers) is in
+    the local Hugging Face cache. No network."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    names = [filename]
+    if filename == HF_WEIGHTS_NAME:
+        names.append(HF_SAFE_WEIGHTS_NAME)
+    elif filename.endswith((".bin", ".pth")):
+        names.append(filename[:-4] + ".safetensors")
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+
+
+def weights_download(arch: str, pretrained: str | None) -> str | None:
+    """Where this model's weights would be downloaded from when they are not on this
+    machine yet; None when nothing needs a download (a file, random weights, an unknown
+    tag, or weights already in open_clip's or the Hugging Face cache). No network."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import get_pretrained_cfg
+    if arch.startswith(HF_HUB):
+        repo = arch[len(HF_HUB):]
+        cached = _hub_cached(repo, "open_clip_config.json") and _hub_cached(repo, HF_WEIGHTS_NAME)
+        return None if cached else f"the Hugging Face hub ({repo})"
+    if is_random_init(pretrained) or Path(pretrained).expanduser().is_file():
+        return None
+    cfg = get_pretrained_cfg(arch, pretrained)
+    if not cfg or cfg.get("file"):
+        return None
+    if cfg.get("hf_hub"):                        # open_clip prefers the hub when it has one
+        repo, filename = os.path.split(cfg["hf_hub"])
+        return None if _hub_cached(repo, filename or HF_WEIGHTS_NAME) else \
+            f"the Hugging Face hub ({repo})"
+    if cfg.get("url"):
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        return None if cached.is_file() else cfg["url"]
+    return None
+
+
+def download_advice(arch: str, pretrained: str | None, source: str, why: str) -> tuple[str, str]:
+    """(field, message): which model needs a download, why it cannot have it, what to do."""
+    if arch.startswith(HF_HUB):
+        return "model.arch", (f"{arch} needs a download from {source}, and {why}: name an "
+                              "open_clip architecture with a local checkpoint file in "
+                              "model.pretrained, or run once with internet to fill the cache")
+    return "model.pretrained", (f"{arch} {pretrained!r} needs a download from {source}, and "
+                                f"{why}: give model.pretrained a local checkpoint file, or run "
+                                "once with internet to fill the cache")
+
+
+def offline_problem(arch: str, pretrained: str | None) -> tuple[str, str] | None:
+    """(field, message) when the weights need a download and the machine is offline."""
+    source = weights_download(arch, pretrained)
+    if source is None or not _offline():
+        return None
+    return download_advice(arch, pretrained, source, "this machine is offline (HF_HUB_OFFLINE)")
+
+
 def load_clip(arch: str, pretrained: str | None = None, *, augment: bool = True,
               device: str | torch.device = "cpu") -> LoadedClip:
     """Build an open_clip model by architecture name.
 
     `pretrained` is an open_clip tag (e.g. "openai"; downloads on first use), a path to
-    a local checkpoint file, or None (random init: only useful in tests).
+    a local checkpoint file, or None / "none": random weights (tests and smoke runs),
+    the same in every process (drawn from RANDOM_INIT_SEED, the caller's random state
+    left as it was). A model that needs a download fails in one line when the machine is
+    offline (HF_HUB_OFFLINE) or the download fails.
     `augment=False` makes the train transform the eval transform (no random crop).
     """
+    random_init = is_random_init(pretrained) and not arch.startswith(HF_HUB)
     if arch.startswith(HF_HUB):
         # "hf-hub:<org>/<name>": open_clip reads the config and the weights from the hub
         if len(arch) == len(HF_HUB) or arch.count("/") != 1:
@@ -62,21 +149,32 @@ def load_clip(arch: str, pretrained: str | None = None, *, augment: bool = True,
     elif arch not in open_clip.list_models():
         raise ModelError(f"model.arch: unknown open_clip architecture {arch!r} "
                          f"(see open_clip.list_models(), or use hf-hub:<org>/<name>)")
-    elif pretrained is not None and not Path(pretrained).is_file() and (
+    elif not random_init and not Path(pretrained).is_file() and (
             pretrained.lower().replace("-", "_")       # open_clip's reading of a tag
             not in open_clip.list_pretrained_tags_by_model(arch)):
         raise ModelError(f"model.pretrained: {pretrained!r} is neither a file nor a known "
                          f"pretrained tag of {arch} "
                          f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+    problem = offline_problem(arch, pretrained)
+    if problem:
+        raise ModelError(": ".join(problem))
+    download = weights_download(arch, pretrained)
     try:
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained, device=device)
+        with torch.random.fork_rng(devices=[]):
+            if random_init:
+                torch.manual_seed(RANDOM_INIT_SEED)
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                arch, pretrained=None if random_init else pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(arch)
     except Exception as err:  # bad pickles, mismatched state dicts, unreadable files, no hub
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if download is not None:        # hub errors quote their whole story: keep its start
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
+            raise ModelError(": ".join(download_advice(
+                arch, pretrained, download, f"the download failed ({reason})"))) from err
         what = (f"model.arch: cannot load {arch}" if arch.startswith(HF_HUB) else
                 f"model.pretrained: cannot load {pretrained!r} into {arch}")
-        raise ModelError(f"{what}: "
-                         f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
+        raise ModelError(f"{what}: {reason}") from err
     return LoadedClip(model=model, train_transform=train_tf if augment else eval_tf,
                       eval_transform=eval_tf, tokenizer=tokenizer, arch=arch)
 
@@ -130,7 +228,11 @@ def zero_shot_head(clip: LoadedClip, classnames: Sequence[str], templates: Seque
 
 
 def zero_shot_classifier(clip: LoadedClip, classnames: Sequence[str], templates: Sequence[str],
-                         device: str | torch.device = "cpu") -> ImageClassifier:
-    """The zero-shot model as a classifier (a deep copy: fine-tuning never touches `clip`)."""
+                         device: str | torch.device = "cpu", *,
+                         copy_tower: bool = True) -> ImageClassifier:
+    """The zero-shot model as a classifier: a deep copy of the image tower, so training
+    the classifier never touches `clip`; `copy_tower=False` shares `clip.model.visual`
+    (one tower in memory, for a caller that never trains the classifier in place)."""
     head = zero_shot_head(clip, classnames, templates, device)
-    return ImageClassifier(copy.deepcopy(clip.model.visual), head).to(device)
+    tower = copy.deepcopy(clip.model.visual) if copy_tower else clip.model.visual
+    return ImageClassifier(tower, head).to(device)

@@ -215,4 +215,7 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                 if hasattr(task, "extra_state"):
                     state["task"] = task.extra_state()
                 hooks.on_epoch_end(epoch, metrics, state)
+    # The last step's gradients would live on with the trained model (a whole model's
+    # size: 0.6 GB for a ViT-B-32 CLIP), while the method builds its result.
+    optimizer.zero_grad(set_to_none=True)
     return history

@@ -1,7 +1,8 @@
 """Datasets, benchmarks (ID task + OOD shifts) and class-space mappings.
 
 ``benchmark`` holds the containers (:class:`Benchmark`, :class:`EvalSet`, the datasets) and the
-class-group helpers; ``folders`` builds a benchmark from image folders and CSV lists on disk.
+class-group helpers; ``folders`` builds a benchmark from image folders and CSV lists on disk;
+``suites`` builds the named benchmarks (ImageNet and its shifts, DomainNet) from their own layouts.
 """
 
 from .benchmark import (

@@ -122,18 +122,27 @@ class ArrayNormalize:
 class FileImageDataset(Dataset):
     """Images read from files, converted to RGB; labels given per file.
 
+    ``border``: pixels cut from each side of every image after decoding, before the
+    transform (ObjectNet's images carry a 2-px red frame). It is part of what the images
+    ARE, not of the preprocessing: the feature cache's dataset fingerprint includes it.
+
     An unreadable or corrupt file raises ``DataError("cannot read image <path>: <reason>")``
     when that item is read (listing thousands of files does not open them).
     """
 
     def __init__(
-        self, paths: Sequence[Path | str], labels: Sequence[int], transform: Transform | None = None
+        self, paths: Sequence[Path | str], labels: Sequence[int], transform: Transform | None = None,
+        border: int = 0,
     ):
         if len(paths) != len(labels):
             raise DataError(f"{len(paths)} image paths but {len(labels)} labels")
-        self.paths = tuple(Path(p) for p in paths)
+        if border < 0:
+            raise DataError(f"border must be >= 0 pixels, got {border}")
+        # Path(p) re-parses a Path: at a million files that costs seconds
+        self.paths = tuple(p if isinstance(p, Path) else Path(p) for p in paths)
         self.labels = tuple(int(y) for y in labels)
         self.transform = transform
+        self.border = int(border)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -146,13 +155,19 @@ class FileImageDataset(Dataset):
                 image = raw.convert("RGB")
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {path}: {_one_line(exc)}") from exc
+        if self.border:
+            b = self.border
+            if image.width <= 2 * b or image.height <= 2 * b:
+                raise DataError(f"cannot read image {path}: {image.width}x{image.height} px "
+                                f"is too small to cut a {b}-px border")
+            image = image.crop((b, b, image.width - b, image.height - b))
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
 
     def with_transform(self, transform: Transform | None) -> "FileImageDataset":
         """The same files and labels under another transform (e.g. eval preprocessing of train)."""
-        return FileImageDataset(self.paths, self.labels, transform)
+        return FileImageDataset(self.paths, self.labels, transform, self.border)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,8 +283,8 @@ class EvalSet:
             raise DataError(
                 f"eval set {self.name!r}: {len(classnames)} classnames but {len(groups)} class groups"
             )
-        if len(set(classnames)) != len(classnames):
-            raise DataError(f"eval set {self.name!r}: duplicate class names")
+        # Names may repeat (CLIP's ImageNet list calls two pairs of classes alike:
+        # "missile", "sunglasses"): a label is a position, never a name.
         set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
         set_(self, "classnames", classnames)
         set_(self, "class_groups", groups)
@@ -347,8 +362,10 @@ class Benchmark:
     diagnostics: dict[str, EvalSet] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Class names are prompts and labels for people; they may repeat (CLIP's ImageNet
+        # names: "missile" and "sunglasses" twice each). Sources that look classes up by
+        # name (folders, CSVs, class maps) refuse duplicates themselves.
         classnames = tuple(str(c) for c in self.classnames)
-        _index_of(classnames)  # raises on duplicates
         object.__setattr__(self, "classnames", classnames)
         object.__setattr__(self, "templates", _as_templates(self.templates))
         object.__setattr__(self, "shifts", dict(self.shifts))
