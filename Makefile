@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.orch-installed
 
-.PHONY: demo test toy-clip clean-cache
+.PHONY: demo test test-fast bench toy-clip clean-cache
 
 demo: $(STAMP)  ## fine-tune the toy CLIP, sweep WiSE-FT alpha, log to MLflow
 	$(VENV)/bin/orch sweep sweeps/wise_alpha.yaml
@@ -12,6 +12,27 @@ demo: $(STAMP)  ## fine-tune the toy CLIP, sweep WiSE-FT alpha, log to MLflow
 test: $(STAMP)  ## the whole suite; first unpacks the shipped toy CLIP and renders the toy world if missing
 	$(PY) -m trainers.toyworld.pretrain
 	$(PY) -m pytest -q
+
+# The edit loop: every test but those marked e2e (they start Ray, or run `orch` or Python
+# in a subprocess); conftest.py refuses a test that starts Ray without that mark.
+test-fast: $(STAMP)  ## the suite without the e2e tests: no Ray, no subprocesses
+	$(PY) -m trainers.toyworld.pretrain
+	$(PY) -m pytest -q -m "not e2e"
+
+# Never part of `make test`: minutes of work, and speed belongs here, not in tests. The
+# CPU benchmarks (bench/knn.py uses a GPU when there is one), then bench/gpu.py only
+# where torch sees a GPU. Record what they print in bench/RESULTS.md.
+bench: $(STAMP)  ## the benchmarks (bench/RESULTS.md): ratios against plain loops, side by side
+	$(PY) -m trainers.toyworld.pretrain
+	$(PY) bench/knn.py
+	$(PY) bench/ensemble_sweep.py --no-ts --baseline-points 5
+	$(PY) bench/feature_cache.py
+	$(PY) bench/wise_sweep.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) bench/gpu.py; \
+	else \
+		echo "bench: no GPU here, bench/gpu.py skipped"; \
+	fi
 
 toy-clip: $(STAMP)  ## pre-train the toy CLIP from scratch (5-9 min on 2 cores) and rewrite its shipped weights
 	$(PY) -m trainers.toyworld.pretrain --rebuild

@@ -132,8 +132,7 @@ def build_mixture(name: str, members, n_points: int, args, device) -> tuple[Mixt
     if name == "ose":
         options = OSEOptions(alpha=values)
         points = ensemble.points(options)
-        mixture = ensemble.mix(zero_shot, fine_tuned, options, points, list(zero_shot.logits),
-                               device=device)
+        mixture = ensemble.mix(zero_shot, fine_tuned, options, points, device)
         return Mixture(mixture.temperatures,
                        {s: w.to(device) for s, w in mixture.weights.items()}), points
     options = VRFOptions(a=values, b=(0.6,))

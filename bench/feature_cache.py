@@ -105,9 +105,11 @@ def main() -> None:
 
     import ray
 
-    from orchestrator.build import (Assets, feature_datasets, load_benchmark, load_fitted,
-                                    load_model, save_fitted, zero_shot)
-    from orchestrator.features import FeatureCache, trial_ref, zero_shot_ref
+    from orchestrator.assets.benchmarks import feature_datasets, load_benchmark
+    from orchestrator.assets.loaded import Assets, load_fitted, save_fitted
+    from orchestrator.assets.models import load_model
+    from orchestrator.run.features import FeatureCache, trial_ref, zero_shot_ref
+    from trainers.models import zero_shot_classifier
     from trainers.evaluate import encode
     from trainers.methods import Fitted, StartPoint
 
@@ -119,7 +121,7 @@ def main() -> None:
         start = time.perf_counter()
         clip = load_model(spec.model, device=device)
         bench = load_benchmark(spec.benchmark, clip)
-        classifier = zero_shot(clip, bench, device)
+        classifier = zero_shot_classifier(clip, bench.classnames, bench.templates, device)
         setup_s = time.perf_counter() - start
         datasets = feature_datasets(bench)
         sets = list(datasets)

@@ -1,11 +1,11 @@
 """Benchmark: the WiSE-FT alpha sweep, orchestrated vs. a plain loop, side by side.
 
 Same toy CLIP, same fine-tuned weights (the `ft` method, one short run, saved with
-`orchestrator.build.save_fitted`), same eval sets, same alphas:
+`orchestrator.assets.loaded.save_fitted`), same eval sets, same alphas:
   plain - one process, torch with --threads threads, the models already in memory:
           `for alpha: evaluate(wise_ft(zero_shot, fine_tuned, alpha), eval_sets)`;
-  orch  - orch's ensemble-stage trainable, `orchestrator.trials.ensemble_trial`, one Ray
-          Tune job per alpha ({"trial", "ensemble": "wise_ft", "alpha"}), `cpus_per_trial`
+  orch  - orch's ensemble-stage trainable, `orchestrator.run.jobs.ensemble_trial`, one Ray
+          Tune job per alpha (a `plan.Job` of wise_ft), `cpus_per_trial`
           each, reused actors (each loads the model and benchmark once per worker, then
           reads the fitted-model file per job). Ray's start-up is not in the figure;
           Tune's and the trial actors' are.
@@ -81,9 +81,11 @@ def main() -> None:
     import ray
     from ray import tune
 
-    from orchestrator.build import load_assets, save_fitted
-    from orchestrator.sweep import _init_ray
-    from orchestrator.trials import MODEL_FILE, ensemble_trial
+    from orchestrator.assets.loaded import load_assets, save_fitted
+    from orchestrator.plan import Job, Plan
+    from orchestrator.run.cluster import init_ray
+    from orchestrator.run.jobs import ensemble_trial
+    from orchestrator.run.trials import MODEL_FILE
     from trainers.ensembles.wise_ft import wise_ft
     from trainers.evaluate import evaluate, predict, summarize
     from trainers.methods import FitContext, get_method
@@ -93,10 +95,10 @@ def main() -> None:
     storage = Path(tempfile.mkdtemp(prefix="orch-bench-wise-"))
     try:
         spec = make_spec(args, alphas, args.eval_size or None, str(storage / "runs"))
-        point = spec.trials()[0]
+        point = Plan(spec).trials[0]
         assets = load_assets(spec, device)
         start = time.perf_counter()
-        fitted = get_method(point.method).fit(
+        fitted = get_method(point.method_name).fit(
             assets.start, point.options,
             FitContext(assets.bench.train, device, point.seed, Hooks(progress=False),
                        train_eval_set=assets.bench.train_eval))
@@ -121,7 +123,7 @@ def main() -> None:
         plain = time.perf_counter() - start
 
         # orch: Ray up (not timed), a one-job warm-up on a tiny benchmark, then the stage
-        _init_ray(None, verbose=False)
+        init_ray(None, verbose=False)
         checkpoints = {point.name: str(checkpoint)}
 
         def stage(values, stage_spec, name):
@@ -132,8 +134,8 @@ def main() -> None:
                 tune.with_parameters(ensemble_trial, spec=stage_spec, checkpoints=checkpoints,
                                      feature_paths={}),
                 {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
-            jobs = {"job": tune.grid_search([{"trial": point.name, "ensemble": "wise_ft",
-                                              "alpha": a} for a in values])}
+            jobs = {"job": tune.grid_search([Job(point.name, "wise_ft", {"alpha": a}).config()
+                                             for a in values])}
             return tune.Tuner(
                 trainable, param_space=jobs,
                 tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
@@ -158,7 +160,8 @@ def main() -> None:
         for row in json.loads(result.metrics["rows"]):
             orch_rows[row["coefficients"]["alpha"]] = row
     keys = ["id_acc"] + (["ood_acc"] if shifts else [])
-    diff = max(abs(orch_rows[a][k] - p[k]) for a, p in zip(alphas, plain_rows) for k in keys)
+    diff = max(abs(orch_rows[a]["metrics"][k] - p[k])
+               for a, p in zip(alphas, plain_rows) for k in keys)
 
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {args.threads} torch thread(s)")

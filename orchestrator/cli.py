@@ -10,12 +10,17 @@ Ctrl-C stops a sweep cleanly and exits 130. No tracebacks unless `-v`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
+from pathlib import Path
 
 import click
+import yaml
 
-from orchestrator.schema import SpecError
+# Each command imports what it runs when it runs: `orch --help` and `orch report` stay
+# quick, without torch, Ray or open_clip.
+from orchestrator.spec.schema import SpecError
 
 
 class UserError(click.ClickException):
@@ -109,9 +114,10 @@ def sweep(ctx: click.Context, sweep_file: str, overrides: tuple[str, ...], dry_r
 
     KEY=VALUE pairs after the file change it as if it said so (`method.lr=1e-4`,
     `grid.seed=[0,1,2]`, `methods.1.epochs=3`); the effective file is what is recorded."""
-    from orchestrator.build import check_benchmark, count_notes, download_problem
-    from orchestrator.checks import check_images
-    from orchestrator.spec import load_spec
+    from orchestrator.assets.benchmarks import check_benchmark, count_notes
+    from orchestrator.assets.images import check_images
+    from orchestrator.assets.models import download_problem
+    from orchestrator.spec.load import load_spec
     from orchestrator.storage import StorageError, check_writable
     from trainers.data import DataError
     verbose = ctx.obj["verbose"]
@@ -135,25 +141,28 @@ def sweep(ctx: click.Context, sweep_file: str, overrides: tuple[str, ...], dry_r
         raise UserError(f"{sweep_file}: storage_path: {err}") from None
     except DataError as err:
         raise UserError(f"{sweep_file}: benchmark: {err}") from None
-    journal = _journal_to_resume(spec, sweep_file, resume)
+    journal = _journal_to_resume(spec, sweep_file, resume, overrides)
     if dry_run:
         if journal is not None:
             click.echo(f"would resume sweep {journal.sweep_id} ({journal.status()}, "
                        f"{len(journal.trials())} trial(s) done)")
         _print_plan(spec, tracking_uri, address, bench)
         return
-    trials = sum(p.trained for p in spec.trials())
+    from orchestrator.plan import Plan
+    plan = Plan(spec)
+    trials = len(plan.trained)
     if trials > BIG_SWEEP and not yes:
-        raise UserError(f"{sweep_file}: {trials:,} training trials, {spec.num_points():,} "
+        raise UserError(f"{sweep_file}: {trials:,} training trials, {plan.num_points():,} "
                         f"points to evaluate; check the grid with --dry-run, and pass --yes "
                         f"to run a sweep this large")
-    _run(spec, tracking_uri, address, verbose, journal, register)
+    _run(spec, tracking_uri, address, verbose, journal, register, overrides)
 
 
-def _journal_to_resume(spec, sweep_file: str, resume: str | None):
+def _journal_to_resume(spec, sweep_file: str, resume: str | None, overrides: tuple[str, ...]):
     """The journal `--resume` names (or the last unfinished sweep of this file); without
     `--resume`, a note when an unfinished sweep of this file exists."""
-    from orchestrator.journal import FINISHED, find_sweeps, open_journal, unfinished
+    from orchestrator.records.journal import FINISHED, find_sweeps, open_journal, unfinished
+    from orchestrator.run.driver import resume_command
     source = str(spec.source_file) if spec.source_file else None
     text = spec.text or None
     if resume is None:
@@ -162,7 +171,8 @@ def _journal_to_resume(spec, sweep_file: str, resume: str | None):
             last = waiting[-1]
             click.echo(f"note: sweep {last.sweep_id} of this file did not finish "
                        f"({last.status()}, {len(last.trials())} trial(s) done); "
-                       f"`orch sweep {sweep_file} --resume` continues it; this starts a new sweep.")
+                       f"`{resume_command(spec, last.sweep_id, last.meta().get('overrides', []))}`"
+                       " continues it; this starts a new sweep.")
         return None
     if resume == "last":
         waiting = unfinished(spec.storage_path, spec.name, source, text)
@@ -186,7 +196,6 @@ def _same_file(journal, spec, sweep_file: str):
     """A resumed sweep runs the settings (file and overrides) it started with: finished
     trials of an edited file would be reused under their old settings. Comments and
     layout may change."""
-    import yaml
     before = journal.spec_text()
     if before is None or not spec.text:
         return journal
@@ -213,11 +222,13 @@ def _flat(data, prefix: str = "") -> dict:
     return {prefix.rstrip("."): data}
 
 
-def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> None:
-    from orchestrator.records import TrackingError, default_tracking_uri
-    from orchestrator.report import format_summary
+def _run(spec, tracking_uri, address, verbose, resume=None, register=None,
+         overrides: tuple[str, ...] = ()) -> None:
+    from orchestrator.commands.report import format_summary
+    from orchestrator.records.mlflow import TrackingError, default_tracking_uri, mlflow_ui_hint
+    from orchestrator.run.cluster import ResourceError
+    from orchestrator.run.driver import SweepError, SweepInterrupted, run_sweep
     from orchestrator.storage import StorageError
-    from orchestrator.sweep import SweepError, SweepInterrupted, mlflow_ui_hint, run_sweep
     from trainers.data import DataError
     from trainers.models import ModelError
     if not verbose:
@@ -226,17 +237,17 @@ def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> No
         or default_tracking_uri()
     try:
         result = run_sweep(spec, uri, address=address, verbose=verbose, echo=click.echo,
-                           resume=resume, register=register)
+                           resume=resume, register=register, overrides=overrides)
     except SweepInterrupted as err:
         _fail(err, verbose, Interrupted)
     except (TrackingError, DataError, ModelError, SpecError, StorageError) as err:
         _fail(err, verbose)
-    except SweepError as err:
+    except (SweepError, ResourceError) as err:
         _fail(err, verbose, RunError)
     except Exception as err:
         _unexpected(err, verbose)
     click.echo("")
-    click.echo(format_summary(result.rows))
+    click.echo(format_summary(result.table))
     click.echo("")
     if result.mlflow_failed:
         raise RunError(f"MLflow stopped taking this sweep's records ({result.mlflow_failed}); "
@@ -246,9 +257,11 @@ def _run(spec, tracking_uri, address, verbose, resume=None, register=None) -> No
 
 
 def _print_plan(spec, tracking_uri, address, bench=None) -> None:
-    from orchestrator.records import default_tracking_uri
-    points = spec.trials()
-    trained = sum(p.trained for p in points)
+    from orchestrator.plan import Plan
+    from orchestrator.records.mlflow import default_tracking_uri
+    plan = Plan(spec)
+    points = plan.trials
+    trained = len(plan.trained)
     if trained > BIG_SWEEP:
         click.echo(f"a large sweep: {trained:,} training trials; `orch sweep` asks for --yes")
     r, f = spec.resources, spec.features
@@ -258,9 +271,9 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
                + f", benchmark {'suite ' if spec.benchmark.suite else ''}"
                  f"{spec.benchmark.source}")
     click.echo(f"{len(points)} trial(s), {len(trained)} of them trained; "
-               f"{spec.num_points()} point(s) to evaluate")
+               f"{plan.num_points()} point(s) to evaluate")
     for entry in spec.methods:
-        click.echo(f"method {entry.label} ({entry.method}):")
+        click.echo(f"method {entry.label} ({entry.method_name}):")
         for point in (p for p in points if p.label == entry.label):
             options = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(point.options).items())
             click.echo(f"  {point.name}: seed={point.seed} {options}")
@@ -322,9 +335,9 @@ def _set_sizes(spec, bench) -> list[tuple[str, int, int, str]]:
 def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
            points: bool, as_json: bool, as_csv: bool) -> None:
     """Per method and ensemble, the point chosen on ID validation (last sweep, or SWEEP_ID)."""
-    from orchestrator.records import TrackingError, default_tracking_uri
-    from orchestrator.report import ReportError, format_points, format_summary, load_sweep
-    from orchestrator.tables import to_csv, to_json
+    from orchestrator.commands.compare import to_csv, to_json
+    from orchestrator.commands.report import ReportError, format_points, format_summary, load_sweep
+    from orchestrator.records.mlflow import TrackingError, default_tracking_uri
     if as_json and as_csv:
         raise UserError("--json and --csv: choose one")
     uri = tracking_uri or default_tracking_uri()
@@ -338,12 +351,12 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
         click.echo(to_json(found))
         return
     if as_csv:
-        click.echo(to_csv(found.rows), nl=False)
+        click.echo(to_csv(found.table), nl=False)
         return
     click.echo(f"sweep {found.sweep_id} ({found.status}), experiment {found.experiment}")
     if found.note:
         click.echo(found.note)
-    click.echo(format_points(found.rows, found.selected) if points else format_summary(found.rows))
+    click.echo(format_points(found.table) if points else format_summary(found.table))
 
 
 @main.command()
@@ -358,9 +371,9 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
 def compare(ctx: click.Context, sweep_a: str, sweep_b: str, tracking_uri: str | None,
             out: str) -> None:
     """Two sweeps' Pareto fronts on one plot, and their chosen points side by side."""
-    from orchestrator.records import TrackingError, default_tracking_uri
-    from orchestrator.report import ReportError, load_sweep
-    from orchestrator.tables import compare_sweeps
+    from orchestrator.commands.compare import compare_sweeps
+    from orchestrator.commands.report import ReportError, load_sweep
+    from orchestrator.records.mlflow import TrackingError, default_tracking_uri
     uri = tracking_uri or default_tracking_uri()
     try:
         found = [load_sweep(uri, sweep_a), load_sweep(uri, sweep_b)]
@@ -380,17 +393,18 @@ def compare(ctx: click.Context, sweep_a: str, sweep_b: str, tracking_uri: str | 
 @click.option("--alpha", type=float, default=None, help="WiSE-FT's mixing coefficient.")
 @click.option("--coeffs", default=None, metavar="K=V,...",
               help="A weight-space ensemble's coefficients, e.g. alpha=0.4.")
-@click.option("--storage-path", default="runs", show_default=True,
-              help="Where the sweep ran (its file's storage_path), when SWEEP is an id.")
+@click.option("--storage-path", default=None,
+              help="Where the sweep ran (its file's storage_path), when SWEEP is an id "
+                   "[default: where its MLflow records say, else ./runs].")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI, to find SWEEP's folder from its id.")
 @verbose_option
 @click.pass_context
 def export(ctx: click.Context, sweep: str, out: str, trial: str | None, alpha: float | None,
-           coeffs: str | None, storage_path: str) -> None:
+           coeffs: str | None, storage_path: str | None, tracking_uri: str | None) -> None:
     """Write one point of SWEEP as a plain open_clip checkpoint OUT (with its head, class
     names and templates), loadable without orch."""
-    from pathlib import Path
-
-    from orchestrator.export import ExportError, export_sweep
+    from orchestrator.commands.export import ExportError, export_sweep
     if alpha is not None and coeffs:
         raise UserError("--alpha and --coeffs: give one")
     coefficients = {"alpha": alpha} if alpha is not None else None
@@ -401,7 +415,8 @@ def export(ctx: click.Context, sweep: str, out: str, trial: str | None, alpha: f
         except ValueError:
             raise UserError(f"--coeffs: expected name=value pairs, got {coeffs!r}") from None
     try:
-        click.echo(export_sweep(sweep, storage_path, Path(out), trial, coefficients))
+        click.echo(export_sweep(sweep, storage_path, Path(out), trial, coefficients,
+                                tracking_uri))
     except ExportError as err:
         _fail(err, ctx.obj["verbose"])
     except OSError as err:
@@ -413,33 +428,33 @@ def export(ctx: click.Context, sweep: str, out: str, trial: str | None, alpha: f
 @main.command()
 def schema() -> None:
     """Print the sweep file's JSON Schema (for editors: `orch schema > sweep.schema.json`)."""
-    import json
-
-    from orchestrator.jsonschema import sweep_schema
+    from orchestrator.spec.jsonschema import sweep_schema
     click.echo(json.dumps(sweep_schema(), indent=2))
 
 
 @main.command()
 @click.argument("sweep")
-@click.option("--storage-path", default="runs", show_default=True,
-              help="Where the sweep ran (its file's storage_path), when SWEEP is an id.")
+@click.option("--storage-path", default=None,
+              help="Where the sweep ran (its file's storage_path), when SWEEP is an id "
+                   "[default: where its MLflow records say, else ./runs].")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [default: the one the sweep used].")
 @click.option("--force", is_flag=True,
               help="Sync a sweep recorded as running on another machine that is gone.")
 @verbose_option
 @click.pass_context
-def sync(ctx: click.Context, sweep: str, storage_path: str, tracking_uri: str | None,
+def sync(ctx: click.Context, sweep: str, storage_path: str | None, tracking_uri: str | None,
          force: bool) -> None:
     """Write to MLflow whatever SWEEP (an id, or the sweep's folder) recorded and MLflow lacks."""
-    from orchestrator.records import TrackingError
-    from orchestrator.sync import SyncError, sync_sweep
+    from orchestrator.commands.sweeps import SweepNotFound
+    from orchestrator.commands.sync import SyncError, sync_sweep
+    from orchestrator.records.mlflow import TrackingError
     verbose = ctx.obj["verbose"]
     if not verbose:
         _quiet_mlflow()
     try:
         summary = sync_sweep(sweep, storage_path, tracking_uri, echo=click.echo, force=force)
-    except (SyncError, TrackingError) as err:
+    except (SyncError, SweepNotFound, TrackingError) as err:
         _fail(err, verbose)
     except Exception as err:
         _unexpected(err, verbose)

@@ -7,6 +7,7 @@ Writes of small files are atomic (local: temporary file + rename; buckets: one P
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +15,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import pyarrow.fs
+
+from trainers.cache import cache_dir
 
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 
@@ -66,7 +71,6 @@ def join(base: str, *parts: str) -> str:
 
 
 def _fs(path: str):
-    import pyarrow.fs
     if is_uri(path):
         return pyarrow.fs.FileSystem.from_uri(path)
     return pyarrow.fs.LocalFileSystem(), path
@@ -132,7 +136,6 @@ def list_dirs(folder: str) -> list[str]:
 def _list(folder: str, dirs: bool) -> list[str]:
     try:
         if is_uri(folder):
-            import pyarrow.fs
             fs, key = _fs(folder)
             infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
             return sorted(join(folder, Path(i.path).name) for i in infos
@@ -150,10 +153,6 @@ def local_file(path: str, cache: Path | None = None) -> Path:
     once into `cache` (a file's URI names it for good: checkpoints are never rewritten)."""
     if not is_uri(path):
         return Path(path)
-    import hashlib
-
-    import pyarrow.fs
-    from trainers.cache import cache_dir
     folder = (cache or cache_dir() / "fetched") / hashlib.sha256(path.encode()).hexdigest()[:24]
     target = folder / Path(urlparse(path).path).name
     if not target.is_file():

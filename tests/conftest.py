@@ -1,4 +1,12 @@
-"""Shared fixtures. Ray and MLflow are real: a local Ray with 2 CPUs, SQLite MLflow."""
+"""Shared fixtures. Ray and MLflow are real: a local Ray with 2 CPUs, SQLite MLflow.
+
+The suite's folders mirror the code's rooms (spec/, plan/, assets/, run/, records/,
+commands/, trainers/); `pyproject.toml` puts this folder on the path, so every test file
+imports these helpers with `from conftest import ...`.
+
+Marks: `e2e` for a test that starts Ray or runs `orch` or Python in a subprocess (worker
+processes included), `slow` for one that needs tens of seconds or the real-size models.
+`make test-fast` runs `-m "not e2e"`; the two guards below keep Ray out of that lane."""
 from __future__ import annotations
 
 import os
@@ -12,6 +20,17 @@ os.environ.setdefault("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)   # each test names its own store
 os.environ.pop("RAY_ADDRESS", None)
+# Ray's temporary folder for this session alone (RAY_TMPDIR, inherited by every `orch` the
+# tests start). Without it, `ray.init()` follows /tmp/ray/ray_current_cluster to whatever
+# Ray the machine last started with `ray start` or a test Cluster (a previous run killed
+# mid-way leaves one), and the tests' own Rays join a stranger's: seen on CI as "When
+# connecting to an existing cluster, num_cpus and num_gpus must not be provided".
+# A short name: Ray's socket paths must stay under 108 characters.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+RAY_TMPDIR = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -23,7 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _clone_entries() -> set[str] | None:
-    """What `git status` lists in the clone, ignored files included (None: not a clone)."""
+    """The files `git status` lists as untracked or ignored in the clone (None: not a
+    clone). Changes to tracked files are not counted: tests never write those, and people
+    may edit them while the suite runs."""
     import subprocess
     try:
         done = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO,
@@ -32,7 +53,8 @@ def _clone_entries() -> set[str] | None:
         return None
     if done.returncode != 0:
         return None
-    return {line[3:] for line in done.stdout.splitlines() if "__pycache__" not in line}
+    return {line[3:] for line in done.stdout.splitlines()
+            if line[:2] in ("??", "!!") and "__pycache__" not in line}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,14 +71,54 @@ def clone_stays_clean(tmp_path_factory):
         pytest.fail(f"the test session left files in the clone: {sorted(after - before)}")
 
 
+# The fixtures that start Ray: a test using one (directly or through another fixture,
+# like `finished_sweep`) must be marked e2e, so `make test-fast` (-m "not e2e") never
+# starts Ray.
+RAY_FIXTURES = ("ray_local",)
+
+
+@pytest.hookimpl(trylast=True)    # after -m, -k and --deselect have chosen the tests
+def pytest_collection_modifyitems(config, items):
+    """Refuse to run a test that starts Ray through a fixture without the e2e mark."""
+    unmarked = [f"{item.nodeid} (uses {', '.join(f for f in RAY_FIXTURES if f in item.fixturenames)})"
+                for item in items
+                if any(f in getattr(item, "fixturenames", ()) for f in RAY_FIXTURES)
+                and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start Ray but are not marked e2e "
+                                "(add pytest.mark.e2e):\n  " + "\n  ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def only_e2e_starts_ray(request):
+    """A test without the e2e mark that starts Ray by other means (`orch sweep` in this
+    process, Ray Data, Tune) fails, naming the mark it lacks."""
+    import sys
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    if before or request.node.get_closest_marker("e2e") is not None:
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test started Ray: mark it pytest.mark.e2e", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (starting one costs ~5 s)."""
+    """One local Ray for the whole session (starting one costs ~5 s). Only for tests
+    marked e2e (`pytest_collection_modifyitems` refuses the others)."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=200 * 2**20)
     yield ray
     ray.shutdown()
+
+
+def pytest_unconfigure(config):
+    """Ray's session folders (logs, sockets, spilled objects) go with the test session."""
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture
@@ -74,6 +136,40 @@ def toy_clip():
     from trainers.models import TOY_ARCH, load_clip
     from trainers.toyworld.pretrain import toy_clip_checkpoint
     return load_clip(TOY_ARCH, str(toy_clip_checkpoint()), augment=False)
+
+
+# Sweep files on the toy world, as dicts, for the tests of the spec and the plan.
+TOY_SWEEP = {
+    "name": "t",
+    "benchmark": {"source": "toyworld", "train_size": 64, "eval_size": 32},
+    "model": {"arch": "toy"},
+    "method": {"name": "ft", "lr": 3e-4, "epochs": 1, "batch_size": 16},
+    "grid": {"lr": [1e-4, 3e-4], "seed": [0, 1]},
+    "ensemble": {"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+}
+MULTI_SWEEP = {
+    "name": "multi",
+    "benchmark": {"source": "toyworld", "train_size": 64, "eval_size": 32},
+    "model": {"arch": "toy"},
+    "methods": [
+        {"name": "zeroshot"},
+        {"name": "ft", "lr": 3e-4, "grid": {"lr": [3e-4, 1e-4], "seed": [0]}},
+        {"name": "ft", "label": "ft_ls", "label_smoothing": 0.1},
+        {"name": "carot", "ema_every": 6, "grid": {"lambda_sd": [0.0, 1.5]}},
+    ],
+    "ensembles": [
+        {"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
+        {"name": "vrf", "a": [0.5, 1.0], "b": [0.2, 0.6], "methods": ["ft", "carot"]},
+    ],
+}
+
+
+def write_sweep(folder, data, name="sweep.yaml"):
+    """A sweep file (a dict as YAML, or text as it is) in `folder`."""
+    import yaml
+    path = folder / name
+    path.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return path
 
 
 # A tiny real-weights task, written by the tests: an open_clip ViT from a config file and a

@@ -16,7 +16,9 @@ the zero-shot head (weights `s * W_zs`, bias 0; docs/methods.md, "Shared pieces"
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,15 +26,20 @@ from typing import Callable, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.pretrained import get_pretrained_cfg
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 
 from trainers.data import ArrayNormalize
 
 TOY_ARCH = "orch-toy-rn"
+TOY = "toy"          # what a sweep file calls the toy CLIP (model.arch)
 HF_HUB = "hf-hub:"   # open_clip's prefix for a model (config and weights) on the Hugging Face hub
-_TOY_CONFIG = Path(__file__).parent / "toyworld" / f"{TOY_ARCH}.json"
-open_clip.add_model_config(_TOY_CONFIG)
+TOY_CONFIG = Path(__file__).parent / "toyworld" / f"{TOY_ARCH}.json"
+open_clip.add_model_config(TOY_CONFIG)
 RANDOM_INIT = "none"          # `pretrained: none`: random weights, drawn from RANDOM_INIT_SEED
 RANDOM_INIT_SEED = 0
 
@@ -65,16 +72,13 @@ def random_init_identity() -> str:
 
 def _offline() -> bool:
     """HF_HUB_OFFLINE as the environment says now (huggingface_hub reads it at import)."""
-    from huggingface_hub import constants
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
+    return flag or bool(hub_constants.HF_HUB_OFFLINE)
 
 
 def _hub_cached(repo: str, filename: str) -> bool:
     """A file of a hub repository (or its safetensors twin, which open_clip prefers) is in
     the local Hugging Face cache. No network."""
-    from huggingface_hub import try_to_load_from_cache
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
     names = [filename]
     if filename == HF_WEIGHTS_NAME:
         names.append(HF_SAFE_WEIGHTS_NAME)
@@ -87,13 +91,11 @@ def weights_download(arch: str, pretrained: str | None) -> str | None:
     """Where this model's weights would be downloaded from when they are not on this
     machine yet; None when nothing needs a download (a file, random weights, an unknown
     tag, or weights already in open_clip's or the Hugging Face cache). No network."""
-    from open_clip.constants import HF_WEIGHTS_NAME
-    from open_clip.pretrained import get_pretrained_cfg
     if arch.startswith(HF_HUB):
         repo = arch[len(HF_HUB):]
         cached = _hub_cached(repo, "open_clip_config.json") and _hub_cached(repo, HF_WEIGHTS_NAME)
         return None if cached else f"the Hugging Face hub ({repo})"
-    if is_random_init(pretrained) or Path(pretrained).expanduser().is_file():
+    if is_random_init(pretrained) or names_a_file(pretrained):
         return None
     cfg = get_pretrained_cfg(arch, pretrained)
     if not cfg or cfg.get("file"):
@@ -127,6 +129,60 @@ def offline_problem(arch: str, pretrained: str | None) -> tuple[str, str] | None
     return download_advice(arch, pretrained, source, "this machine is offline (HF_HUB_OFFLINE)")
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def names_a_file(pretrained: str) -> bool:
+    """The one rule for what `pretrained` means: a checkpoint FILE when it is one, or looks
+    like a path (a separator, a checkpoint suffix); else an open_clip tag ("openai")."""
+    return (Path(pretrained).expanduser().is_file() or "/" in pretrained
+            or pretrained.endswith(CHECKPOINT_SUFFIXES))
+
+
+def _close_names(word: str, options: Sequence[str]) -> str:
+    near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+def model_problem(arch: str, pretrained: str | None,
+                  required: bool = False) -> tuple[str, str] | None:
+    """(field, message) when `arch` and `pretrained` name no model, else None; no network
+    and no file is read (a missing checkpoint file fails when it is loaded).
+
+    An `hf-hub:<org>/<name>` model brings its weights; an open_clip architecture takes a
+    tag it knows, a checkpoint file, or "none" (random weights). With `required` (a sweep
+    file) a real architecture must say which; a library caller's None means random."""
+    if arch.startswith(HF_HUB):
+        if not _HF_REPO.fullmatch(arch[len(HF_HUB):]):
+            return "model.arch", f"expected hf-hub:<org>/<name>, got {arch!r}"
+        if pretrained is not None:
+            return "model.pretrained", (f"{arch} brings its own weights; leave pretrained "
+                                        f"unset (got {pretrained!r})")
+        return None
+    archs = open_clip.list_models()
+    if arch not in archs:
+        hint = _close_names(arch, archs) or \
+            "see open_clip.list_models(), or use hf-hub:<org>/<name>"
+        return "model.arch", f"unknown open_clip architecture {arch!r}; {hint}"
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained is None and required:
+        which = (f"one of its pretrained tags ({', '.join(tags)}), a checkpoint file"
+                 if tags else "a checkpoint file (open_clip has no pretrained tags for it)")
+        return "model.pretrained", f"required for {arch}: {which}, or `none` for random weights"
+    if is_random_init(pretrained) or names_a_file(pretrained):
+        return None
+    tag = pretrained.lower().replace("-", "_")              # how open_clip reads a tag
+    if tag not in tags:
+        hint = _close_names(tag, tags) or (
+            f"its tags: {', '.join(tags[:6])}" + (f", ... ({len(tags)} in all)"
+                                                  if len(tags) > 6 else "")
+            if tags else "open_clip has none for it: give a checkpoint file")
+        return "model.pretrained", (f"{pretrained!r} is neither a file nor a pretrained tag "
+                                    f"of {arch}; {hint}")
+    return None
+
+
 def load_clip(arch: str, pretrained: str | None = None, *, augment: bool = True,
               device: str | torch.device = "cpu") -> LoadedClip:
     """Build an open_clip model by architecture name.
@@ -139,22 +195,9 @@ def load_clip(arch: str, pretrained: str | None = None, *, augment: bool = True,
     `augment=False` makes the train transform the eval transform (no random crop).
     """
     random_init = is_random_init(pretrained) and not arch.startswith(HF_HUB)
-    if arch.startswith(HF_HUB):
-        # "hf-hub:<org>/<name>": open_clip reads the config and the weights from the hub
-        if len(arch) == len(HF_HUB) or arch.count("/") != 1:
-            raise ModelError(f"model.arch: expected hf-hub:<org>/<name>, got {arch!r}")
-        if pretrained is not None:
-            raise ModelError(f"model.pretrained: {arch} brings its own weights; "
-                             f"leave pretrained unset (got {pretrained!r})")
-    elif arch not in open_clip.list_models():
-        raise ModelError(f"model.arch: unknown open_clip architecture {arch!r} "
-                         f"(see open_clip.list_models(), or use hf-hub:<org>/<name>)")
-    elif not random_init and not Path(pretrained).is_file() and (
-            pretrained.lower().replace("-", "_")       # open_clip's reading of a tag
-            not in open_clip.list_pretrained_tags_by_model(arch)):
-        raise ModelError(f"model.pretrained: {pretrained!r} is neither a file nor a known "
-                         f"pretrained tag of {arch} "
-                         f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+    problem = model_problem(arch, pretrained)
+    if problem:
+        raise ModelError(": ".join(problem))
     problem = offline_problem(arch, pretrained)
     if problem:
         raise ModelError(": ".join(problem))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm import tqdm
+
 
 def duration_text(seconds: float) -> str:
     """`42s`, `3m05s`, `2h07m`."""
@@ -46,7 +48,6 @@ class Progress:
         self._start = self._last = time.monotonic()
         self._bar = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
             self._bar = tqdm(total=self.total, desc=desc, file=self.stream, dynamic_ncols=True)
 
     def update(self, n: int = 1, **info) -> None:

@@ -2,11 +2,12 @@
 
 A method supplies a *task* (the model it trains, the parameters to update, the
 loss of one batch, and how to put the model in training mode); the loop owns the
-rest, top to bottom: seeded shuffling, AdamW, warmup + cosine stepped per iteration,
+rest, top to bottom: seeded shuffling, loader processes, AdamW, warmup + cosine stepped per iteration,
 mixed precision on GPU, gradient clipping after unscaling, a finite-loss check,
 and a checkpoint hook at the end of every epoch that can resume bit-for-bit
-(the shuffle order depends only on (seed, epoch); a task's own state, such as an
-EMA teacher or a random-number generator, rides along in the checkpoint).
+(the shuffle order depends only on (seed, epoch), a sample's augmentation only on
+(seed, epoch, index); a task's own state, such as an EMA teacher or a random-number
+generator, rides along in the checkpoint).
 
 Optional task methods: `after_step(step, total_steps)` runs after each optimizer
 step (CaRot's EMA teacher), `extra_state()` / `load_extra_state(state)` save and
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -32,6 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainers.progress import Progress
+
+
+MAIN_PHASE = "train"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,11 +73,12 @@ class Hooks:
     on_epoch_end: Callable[[int, dict, dict], None] | None = None
     resume_state: dict | None = None        # a checkpoint_state from a previous run
     progress: bool = True
+    # Loader processes that decode and transform training images (train_loader)
     num_workers: int = 0
-    history: list[dict] = field(default_factory=list)
     # Methods with several training phases (LP-FT) name each; the name is stored in every
-    # checkpoint so a resumed run knows which phase it stopped in.
-    phase: str = "train"
+    # checkpoint so a resumed run knows which phase it stopped in. The last (or only)
+    # phase is MAIN_PHASE: its losses are the trial's loss curve, the others' are prefixed.
+    phase: str = MAIN_PHASE
 
     def for_phase(self, phase: str, resume_state: dict | None) -> "Hooks":
         return dataclasses.replace(self, phase=phase, resume_state=resume_state)
@@ -113,6 +118,78 @@ class ShardedBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+_MASK64 = 2**64 - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The random state one sample's augmentation draws from: a function of (seed, epoch,
+    index) only, so which loader process decodes it, how many there are and where a
+    resumed run restarts change nothing. torch's CPU generator keeps only the low 32 bits
+    of a seed, so the triple is mixed (splitmix64's finaliser) before it is cut to 32."""
+    x = ((seed * 100_003 + epoch) * 2**32 + index) & _MASK64
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & 0xFFFFFFFF
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """`ShardedBatches` for every epoch of one run: `set_epoch(e)` picks the epoch, and
+    each index travels with its sample seed, so one persistent loader serves all epochs."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        self.batches = ShardedBatches(self.n, self.batch_size, self.seed * 100_003 + epoch,
+                                      self.rank, self.world_size).batches
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield [(sample_seed(self.seed, self.epoch, i), i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class SeededSamples(Dataset):
+    """Reads `dataset[index]` for a (sample seed, index) key with torch's random state set
+    to the seed (random crops and flips draw from it) and restored after, so the
+    training process's own random state is untouched."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        seed, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+# Batches each loader process keeps ready (PyTorch's default is 2): enough to ride out a
+# slow JPEG without holding much memory (4 x batch x 3 x 224 x 224 floats per process).
+PREFETCH_BATCHES = 4
+
+
+def train_loader(dataset: Dataset, batches: EpochBatches, num_workers: int,
+                 device: torch.device) -> DataLoader:
+    """The loader of a whole run: `num_workers` processes decode and transform images
+    while the model trains, kept alive across epochs (no re-fork per epoch); pinned
+    memory on a GPU so copies overlap compute."""
+    extra = ({"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES}
+             if num_workers > 0 else {})
+    return DataLoader(SeededSamples(dataset), batch_sampler=batches, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", **extra)
+
+
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
     """Mean of every gradient over the workers, in one flat all-reduce. A parameter that
     got no gradient on any worker keeps none, so the optimiser skips it (weight decay
@@ -138,8 +215,8 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
-          hooks: Hooks | None = None) -> list[dict]:
-    """Train `task.model` in place; returns the per-epoch history."""
+          hooks: Hooks | None = None) -> None:
+    """Train `task.model` in place; each epoch's metrics go to `hooks.on_epoch_end`."""
     hooks = hooks or Hooks()
     rank, world_size = world()
     params = [p for p in task.trainable_parameters() if p.requires_grad]
@@ -151,7 +228,7 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
     amp_dtype = _autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
-    start_epoch, history = 0, list(hooks.history)
+    start_epoch = 0
     if hooks.resume_state is not None:
         state = hooks.resume_state
         if state.get("phase", hooks.phase) != hooks.phase:
@@ -162,18 +239,16 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"] + 1, list(state["history"])
+        start_epoch = state["epoch"] + 1
 
     after_step = getattr(task, "after_step", None)
+    batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
+    loader = train_loader(dataset, batches, hooks.num_workers, device)
     with Progress((cfg.epochs - start_epoch) * steps_per_epoch, hooks.phase,
                   enabled=hooks.progress) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             task.train_mode()
-            # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
-            batches = ShardedBatches(len(dataset), cfg.batch_size, cfg.seed * 100_003 + epoch,
-                                     rank, world_size)
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=hooks.num_workers,
-                                pin_memory=device.type == "cuda")
+            batches.set_epoch(epoch)
             loss_sum, seen = 0.0, 0
             for step, (images, labels) in enumerate(loader):
                 images = images.to(device, non_blocking=True)
@@ -207,15 +282,13 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                 loss_sum, seen = float(totals[0]), int(totals[1])
             metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                        "lr": scheduler.get_last_lr()[0]}
-            history.append(metrics)
             if hooks.on_epoch_end is not None:
                 state = {"model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch, "history": history, "phase": hooks.phase}
+                         "epoch": epoch, "phase": hooks.phase}
                 if hasattr(task, "extra_state"):
                     state["task"] = task.extra_state()
                 hooks.on_epoch_end(epoch, metrics, state)
     # The last step's gradients would live on with the trained model (a whole model's
     # size: 0.6 GB for a ViT-B-32 CLIP), while the method builds its result.
     optimizer.zero_grad(set_to_none=True)
-    return history

@@ -44,6 +44,9 @@ Groups = tuple[tuple[int, ...], ...]
 
 # Names of the two ID evaluation sets inside Benchmark.eval_sets(); shifts may not reuse them.
 ID_VAL, ID_TEST = "id_val", "id_test"
+# The training split under evaluation preprocessing (`Benchmark.train_eval`), where a set
+# name is needed for it (cached features, VRF's zero-shot-failure set).
+ID_TRAIN = "id_train"
 
 
 class DataError(ValueError):

@@ -37,6 +37,8 @@ from .benchmark import (
 )
 
 __all__ = [
+    "FOLDER_NAMINGS",
+    "FORMATS",
     "IMAGE_EXTENSIONS",
     "ShiftSource",
     "load_imagefolder_benchmark",
@@ -46,19 +48,19 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-_FOLDER_NAMINGS = ("classnames", "index")
-_FORMATS = ("imagefolder", "csv")
+FOLDER_NAMINGS = ("classnames", "index")
+FORMATS = ("imagefolder", "csv")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def _abspath(path: Path | str) -> Path:
+def abspath(path: Path | str) -> Path:
     """Absolute, normalised path WITHOUT resolving symlinks (so messages show the user's path)."""
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def _check_folder_names(folder_names: str, where: str) -> None:
-    if folder_names not in _FOLDER_NAMINGS:
-        raise DataError(f"{where}: folder_names must be one of {_FOLDER_NAMINGS}, got {folder_names!r}")
+    if folder_names not in FOLDER_NAMINGS:
+        raise DataError(f"{where}: folder_names must be one of {FOLDER_NAMINGS}, got {folder_names!r}")
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ class ShiftSource:
     folder_names: str = "classnames"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "path", _abspath(self.path))
-        if self.format not in _FORMATS:
-            raise DataError(f"shift {self.path}: format must be one of {_FORMATS}, got {self.format!r}")
+        object.__setattr__(self, "path", abspath(self.path))
+        if self.format not in FORMATS:
+            raise DataError(f"shift {self.path}: format must be one of {FORMATS}, got {self.format!r}")
         _check_folder_names(self.folder_names, f"shift {self.path}")
         if self.class_map is not None:
             normalised = {
@@ -114,7 +116,7 @@ def _parts(path: Path) -> tuple[str, ...]:
     return path.parts
 
 
-def _image_files(class_dir: Path, classname: str | None = None) -> list[Path]:
+def image_files(class_dir: Path, classname: str | None = None) -> list[Path]:
     """Image files under ``class_dir`` (recursively, following symlinks), sorted for determinism."""
     files = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
@@ -184,7 +186,7 @@ def _list_imagefolder(
         label = _folder_label(class_dir, classnames, index, folder_names)
         if label in by_label:
             raise DataError(f"class folder {class_dir}: a second folder for class {classnames[label]!r}")
-        by_label[label] = _image_files(class_dir, classnames[label])
+        by_label[label] = image_files(class_dir, classnames[label])
     if require_all:
         _require_every_class(split_dir, classnames, list(by_label), folder_names)
     paths, labels = [], []
@@ -241,7 +243,7 @@ def check_csv_classes(csv_path: Path | str, classnames: Sequence[str]) -> None:
     """Every class of ``classnames`` has at least one row in the ``path,label`` CSV (and
     every label is a class): the check for an ID split, which must cover all classes.
     Reads the labels only (``load_csv_split`` checks the image files)."""
-    csv_path = _abspath(csv_path)
+    csv_path = abspath(csv_path)
     classnames = tuple(classnames)
     index = {name: k for k, name in enumerate(classnames)}
     present = {
@@ -263,7 +265,7 @@ def load_csv_split(
     ``classnames`` (NOT the present subset); the present classes come in ``classnames`` order.
     Every referenced file must exist (checked here, so a typo fails before any training).
     """
-    csv_path = _abspath(csv_path)
+    csv_path = abspath(csv_path)
     classnames = tuple(classnames)
     index = {name: k for k, name in enumerate(classnames)}
     paths, labels = [], []
@@ -271,7 +273,7 @@ def load_csv_split(
         where = f"{csv_path}:{line}"
         labels.append(_csv_label(raw_label, index, len(classnames), where))
         path = Path(os.path.expanduser(raw_path))
-        path = _abspath(path if path.is_absolute() else csv_path.parent / path)
+        path = abspath(path if path.is_absolute() else csv_path.parent / path)
         if not path.is_file():
             raise DataError(f"{where}: image file not found: {path}")
         paths.append(path)
@@ -338,7 +340,7 @@ def load_shift(
 # ---------------------------------------------------------------------------------------
 
 
-def _split_train_val(
+def split_train_val(
     paths: list[Path], labels: list[int], val_fraction: float, seed: int
 ) -> tuple[tuple[list[Path], list[int]], tuple[list[Path], list[int]]]:
     """Seeded, per-class (stratified) split of train into (train, val); disjoint, deterministic.
@@ -392,7 +394,7 @@ def load_imagefolder_benchmark(
     - ``train_transform`` is used for ``train``; ``eval_transform`` for val, test, shifts and
       ``train_eval`` (the training images under eval preprocessing).
     """
-    root = _abspath(root)
+    root = abspath(root)
     if not root.is_dir():
         raise DataError(f"benchmark root not found: {root}")
     _check_folder_names(folder_names, str(root))
@@ -414,7 +416,7 @@ def load_imagefolder_benchmark(
         if val_dir.exists():
             raise DataError(f"{val_dir} exists but val_fraction={val_fraction}: use one or the other")
         _require_every_class(train_dir, classnames, train[1], folder_names)
-        train, val = _split_train_val(*train, float(val_fraction), seed)
+        train, val = split_train_val(*train, float(val_fraction), seed)
         if not val[0]:
             raise DataError(f"{train_dir}: val_fraction={val_fraction} leaves no validation images")
         in_val = set(val[1])

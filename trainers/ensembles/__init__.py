@@ -1,19 +1,23 @@
 """The ensemble registry: one file per way of mixing a zero-shot and a fine-tuned model.
 
 An ensemble is a frozen options dataclass (the YAML keys), the names of the options that
-are coefficient grids (WiSE-FT and OSE: `alpha`; VRF: `a`, `b`), and what it mixes:
+are coefficient grids (WiSE-FT and OSE: `alpha`; VRF: `a`, `b`), and a `mix` function.
+Both kinds take their arguments in one order, (zero_shot, fine_tuned, options, point(s)):
 
-- "weights": `mix(zero_shot, fine_tuned, point, options) -> classifier`, a new model
-  per coefficient point; each needs its own forward pass over the eval sets.
-- "outputs": `mix(zero_shot, fine_tuned, options, points, sets, device) -> Mixture`,
-  the per-sample weight of the fine-tuned model at every point, computed from the two
-  members' outputs cached once per model (logits, and image features where
-  `needs_features`); `trainers.ensembles.mixture` turns that into metrics for all
+- `WeightEnsemble.mix(zero_shot: Fitted, fine_tuned: Fitted, options, point) -> Fitted`:
+  a new model (image tower, head, and text tower where the fine-tuned one has its own)
+  per coefficient point; each needs its own forward pass over the eval sets, and
+  `orch export` writes any of them. `endpoint(point)` names the member a point IS
+  exactly (its metrics then come from that member's cached outputs), or None.
+- `OutputEnsemble.mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options,
+  points, device) -> Mixture`: the per-sample weight of the fine-tuned model at every
+  point, from the two members' outputs cached once per model (logits, and image features
+  where `needs_features`); `trainers.ensembles.mixture` turns that into metrics for all
   points at once, vectorised.
 
 Every module here registers itself when the registry is first imported, except
 `mixture` (the shared maths of output-space ensembles) and names starting with "_";
-adding an ensemble is adding a file.
+adding an ensemble is adding a file (or a plug-in file named in a sweep file).
 """
 from __future__ import annotations
 
@@ -22,18 +26,24 @@ import itertools
 import math
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from trainers.data.benchmark import ID_TRAIN
+from trainers.methods import Fitted
+
 WEIGHTS, OUTPUTS = "weights", "outputs"
 ZERO_SHOT_MEMBER, FINE_TUNED_MEMBER = "zero_shot", "fine_tuned"
+TRAIN_SPLIT = ID_TRAIN      # outputs of the training split (evaluation preprocessing)
+
+Coefficients = dict[str, float]
 
 
 @dataclass(frozen=True)
 class MemberOutputs:
-    """One model's cached outputs, per set name (the eval sets, plus `id_train`: the
-    training split under evaluation preprocessing, aligned by index).
+    """One model's cached outputs, per set name (the eval sets, plus `TRAIN_SPLIT`, the
+    training split under evaluation preprocessing, aligned by index, when loaded).
 
     logits: (N, C) over the ID classes (projection to a set's own classes comes later);
     features: (N, d) L2-normalised image features, or None when not loaded."""
@@ -41,6 +51,10 @@ class MemberOutputs:
     logits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     features: dict[str, torch.Tensor] | None = None
+
+    def eval_sets(self) -> list[str]:
+        """The sets a mixture is evaluated on: all but the training split."""
+        return [s for s in self.logits if s != TRAIN_SPLIT]
 
 
 @dataclass(frozen=True)
@@ -54,23 +68,37 @@ class Mixture:
     diagnostics: dict[str, Any] | None = None   # e.g. VRF's ZSF size and k
 
 
+def no_endpoint(point: Coefficients) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Ensemble:
     name: str
     options: type                   # frozen dataclass; its fields are the YAML keys
     coefficients: tuple[str, ...]   # option fields that are grids of coefficient values
-    mixes: str                      # WEIGHTS or OUTPUTS
-    mix: Callable[..., Any]
     paper: str
-    needs_features: bool = False    # outputs ensembles: needs cached image features
-    # Weight-space ensembles: which member a coefficient point reproduces exactly
-    # ("zero_shot", "fine_tuned" or None), so its metrics come from cached outputs.
-    endpoint: Callable[[dict[str, float]], str | None] | None = None
+    mixes: ClassVar[str] = ""
 
-    def points(self, options: Any) -> list[dict[str, float]]:
+    def points(self, options: Any) -> list[Coefficients]:
         """Every coefficient combination, in file order (last coefficient fastest)."""
         grids = [getattr(options, name) for name in self.coefficients]
         return [dict(zip(self.coefficients, values)) for values in itertools.product(*grids)]
+
+
+@dataclass(frozen=True)
+class WeightEnsemble(Ensemble):
+    mix: Callable[[Fitted, Fitted, Any, Coefficients], Fitted]
+    endpoint: Callable[[Coefficients], str | None] = no_endpoint
+    mixes: ClassVar[str] = WEIGHTS
+
+
+@dataclass(frozen=True)
+class OutputEnsemble(Ensemble):
+    mix: Callable[[MemberOutputs, MemberOutputs, Any, list[Coefficients], torch.device],
+                  Mixture]
+    needs_features: bool = False    # reads the members' image features
+    mixes: ClassVar[str] = OUTPUTS
 
 
 def check_grid(name: str, values: tuple[float, ...], low: float | None = None,
@@ -98,8 +126,9 @@ REGISTRY: dict[str, Ensemble] = {}
 def register(ensemble: Ensemble) -> Ensemble:
     if ensemble.name in REGISTRY:
         raise ValueError(f"ensemble {ensemble.name!r} registered twice")
-    if ensemble.mixes not in (WEIGHTS, OUTPUTS):
-        raise ValueError(f"ensemble {ensemble.name!r}: mixes must be {WEIGHTS} or {OUTPUTS}")
+    if not isinstance(ensemble, (WeightEnsemble, OutputEnsemble)):
+        raise ValueError(f"ensemble {ensemble.name!r}: register a WeightEnsemble or an "
+                         "OutputEnsemble")
     REGISTRY[ensemble.name] = ensemble
     return ensemble
 

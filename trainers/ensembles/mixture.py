@@ -27,8 +27,9 @@ import torch
 from trainers.data import EvalSet
 from trainers.data.benchmark import ID_VAL
 from trainers.ensembles import MemberOutputs, Mixture
-from trainers.metrics import (confidence_temperature, ece_from_bins, fit_temperature,
-                              reliability_bins)
+from trainers.metrics import (confidence_temperature, ece_from_bins,
+                              expected_calibration_error, fit_temperature,
+                              negative_log_likelihood, reliability_bins)
 
 CANDIDATES = 5                 # top-m classes of each member
 _CHUNK = 1 << 22               # (P, n, 2m) elements per chunk (cache-sized)
@@ -135,7 +136,6 @@ def _add_temperature_scaled(results: list[dict], log_probs: dict, mixture: Mixtu
                             labels: Mapping[str, torch.Tensor]) -> None:
     """Per point: one temperature fitted by NLL on ID validation of the mixture, then
     ECE and NLL of softmax(log p / T) on every set."""
-    from trainers.metrics import expected_calibration_error, negative_log_likelihood
     for i, result in enumerate(results):
         lp0, lp1 = log_probs[ID_VAL]
         w = mixture.weights[ID_VAL][i].to(lp0.device)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.ensembles import OUTPUTS, Ensemble, MemberOutputs, Mixture, check_grid, register
+from trainers.ensembles import (Coefficients, MemberOutputs, Mixture, OutputEnsemble, check_grid,
+                                register)
 from trainers.ensembles.mixture import member_temperatures
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -29,15 +30,15 @@ class OSEOptions:
 
 
 def mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options: OSEOptions,
-        points: list[dict[str, float]], sets: list[str],
-        device: torch.device | str = "cpu") -> Mixture:
+        points: list[Coefficients], device: torch.device | str = "cpu") -> Mixture:
     temperatures = (member_temperatures(zero_shot, fine_tuned) if options.calibrate
                     else (1.0, 1.0))
     alpha = torch.tensor([p["alpha"] for p in points], dtype=torch.float32,
-                         device=zero_shot.logits[sets[0]].device)                    # (P,)
-    weights = {s: alpha[:, None].expand(-1, zero_shot.logits[s].shape[0]) for s in sets}
+                         device=device)                                              # (P,)
+    weights = {s: alpha[:, None].expand(-1, zero_shot.logits[s].shape[0])
+               for s in zero_shot.eval_sets()}
     return Mixture(temperatures, weights)
 
 
-register(Ensemble(name="ose", options=OSEOptions, coefficients=("alpha",), mixes=OUTPUTS,
-                  mix=mix, paper="https://arxiv.org/abs/2109.01903"))
+register(OutputEnsemble(name="ose", options=OSEOptions, coefficients=("alpha",), mix=mix,
+                        paper="https://arxiv.org/abs/2109.01903"))

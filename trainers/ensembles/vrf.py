@@ -25,12 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.ensembles import OUTPUTS, Ensemble, MemberOutputs, Mixture, check_grid, register
+from trainers.ensembles import (TRAIN_SPLIT, Coefficients, MemberOutputs, Mixture,
+                                OutputEnsemble, check_grid, register)
 from trainers.ensembles.mixture import member_temperatures
 from trainers.knn import kth_neighbour_sq_distance
-
-TRAIN = "id_train"
-
 
 @dataclass(frozen=True)
 class VRFOptions:
@@ -71,20 +69,19 @@ def sample_weights(distance: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
 
 
 def mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options: VRFOptions,
-        points: list[dict[str, float]], sets: list[str],
-        device: torch.device | str = "cpu") -> Mixture:
+        points: list[Coefficients], device: torch.device | str = "cpu") -> Mixture:
     if fine_tuned.features is None:
         raise ValueError("VRF needs the fine-tuned model's image features")
-    failures = zero_shot_failures(zero_shot.logits[TRAIN], fine_tuned.logits[TRAIN],
-                                  fine_tuned.labels[TRAIN])
-    zsf = fine_tuned.features[TRAIN][failures]                       # (M, d)
+    failures = zero_shot_failures(zero_shot.logits[TRAIN_SPLIT], fine_tuned.logits[TRAIN_SPLIT],
+                                  fine_tuned.labels[TRAIN_SPLIT])
+    zsf = fine_tuned.features[TRAIN_SPLIT][failures]                       # (M, d)
     # No failure fixed by fine-tuning: every sample is infinitely far from the (empty)
     # set, so w = 0 and VRF is the calibrated zero-shot model.
     k = neighbour_rank(zsf.shape[0], failures.shape[0], options) if zsf.shape[0] else 0
     a = torch.tensor([p["a"] for p in points], dtype=torch.float32)
     b = torch.tensor([p["b"] for p in points], dtype=torch.float32)
     weights, median = {}, {}
-    for s in sets:
+    for s in zero_shot.eval_sets():
         n = fine_tuned.features[s].shape[0]
         d = (kth_neighbour_sq_distance(fine_tuned.features[s], zsf, k, device) if k
              else torch.full((n,), float("inf")))                      # (N,)
@@ -97,5 +94,5 @@ def mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options: VRFOptions
                                 "median_distance": median})
 
 
-register(Ensemble(name="vrf", options=VRFOptions, coefficients=("a", "b"), mixes=OUTPUTS,
-                  mix=mix, needs_features=True, paper="https://arxiv.org/abs/2411.06966"))
+register(OutputEnsemble(name="vrf", options=VRFOptions, coefficients=("a", "b"), mix=mix,
+                        needs_features=True, paper="https://arxiv.org/abs/2411.06966"))

@@ -8,7 +8,8 @@ are taken from the zero-shot model.
 
 For methods that fine-tune the text tower (FLYP, CaRot) the fine-tuned classifier's
 head is the zero-shot head rebuilt from the fine-tuned text tower, so interpolating
-classifiers mixes the two heads linearly, as the CaRot authors' WiSE-FT code does.
+classifiers mixes the two heads linearly, as the CaRot authors' WiSE-FT code does; the
+text towers themselves are interpolated with the same alpha (what `orch export` writes).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainers.ensembles import (FINE_TUNED_MEMBER, WEIGHTS, ZERO_SHOT_MEMBER, Ensemble,
-                                check_grid, register)
+from trainers.ensembles import (FINE_TUNED_MEMBER, ZERO_SHOT_MEMBER, Coefficients,
+                                WeightEnsemble, check_grid, register)
+from trainers.methods import Fitted
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -66,15 +68,19 @@ def wise_ft(zero_shot: nn.Module, fine_tuned: nn.Module, alpha: float) -> nn.Mod
     return model
 
 
-def mix(zero_shot: nn.Module, fine_tuned: nn.Module, point: dict[str, float],
-        options: WiseFTOptions) -> nn.Module:
-    return wise_ft(zero_shot, fine_tuned, point["alpha"])
+def mix(zero_shot: Fitted, fine_tuned: Fitted, options: WiseFTOptions,
+        point: Coefficients) -> Fitted:
+    alpha = point["alpha"]
+    text = None
+    if fine_tuned.text_tower is not None:
+        text = interpolate_state_dicts(zero_shot.text_tower, fine_tuned.text_tower, alpha)
+    return Fitted(wise_ft(zero_shot.classifier, fine_tuned.classifier, alpha), text)
 
 
-def endpoint(point: dict[str, float]) -> str | None:
+def endpoint(point: Coefficients) -> str | None:
     """alpha 0 and 1 give the members' weights exactly (see interpolate_state_dicts)."""
     return {0.0: ZERO_SHOT_MEMBER, 1.0: FINE_TUNED_MEMBER}.get(point["alpha"])
 
 
-register(Ensemble(name="wise_ft", options=WiseFTOptions, coefficients=("alpha",), mixes=WEIGHTS,
-                  mix=mix, endpoint=endpoint, paper="https://arxiv.org/abs/2109.01903"))
+register(WeightEnsemble(name="wise_ft", options=WiseFTOptions, coefficients=("alpha",),
+                        mix=mix, endpoint=endpoint, paper="https://arxiv.org/abs/2109.01903"))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from trainers.models import ImageClassifier, LoadedClip
+from trainers.models import ImageClassifier, LoadedClip, zero_shot_head
 from trainers.train_loop import Hooks
 
 # The parts of a CLIP classifier a method may update (`Method.trains`).
@@ -45,6 +45,11 @@ class StartPoint:
     zero_shot: ImageClassifier
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
+
+    def fitted(self) -> "Fitted":
+        """The zero-shot model as a method's result, with the pre-trained text tower (not
+        copied): what a weight-space ensemble mixes with a fitted model."""
+        return Fitted(self.zero_shot, text_tower_state(self.clip.model, copy=False))
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,20 @@ class Method:
     trains: frozenset[str]              # subset of PARTS
     # Trains on the zero-shot image features of the training split (FitContext.train_features)
     needs_train_features: bool = False
+    # The options that are batch sizes: data-parallel workers split each of them evenly.
+    batch_size_options: tuple[str, ...] = ()
+    # Options that make a fit of two tiny steps (registry tests, smoke runs): every
+    # method knows its own option names, nothing else does.
+    smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         unknown = set(self.trains) - set(PARTS)
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown parts {sorted(unknown)}")
+        fields = {f.name for f in dataclasses.fields(self.options)}
+        for name in (*self.batch_size_options, *self.smoke):
+            if name not in fields:
+                raise ValueError(f"method {self.name!r}: {name!r} is not one of its options")
 
     @property
     def trained(self) -> bool:
@@ -121,11 +135,11 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-def text_tower_state(clip_model: nn.Module) -> dict[str, torch.Tensor]:
+def text_tower_state(clip_model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of an open_clip model outside its image tower (text encoder, logit
-    scale), detached copies."""
-    return {k: v.detach().clone() for k, v in clip_model.state_dict().items()
-            if not k.startswith("visual.")}
+    scale): detached copies, or (`copy=False`) the model's own tensors, read-only use."""
+    return {k: v.detach().clone() if copy else v.detach()
+            for k, v in clip_model.state_dict().items() if not k.startswith("visual.")}
 
 
 def train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
@@ -143,7 +157,6 @@ def train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
 def rebuild_head(clip: LoadedClip, clip_model: nn.Module, classnames: Sequence[str],
                  templates: Sequence[str], device: torch.device) -> nn.Linear:
     """The zero-shot head built from `clip_model`'s (fine-tuned) text tower and logit scale."""
-    from trainers.models import zero_shot_head
     return zero_shot_head(dataclasses.replace(clip, model=clip_model), classnames, templates,
                           device)
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from trainers.methods import (HEAD, IMAGE_TOWER, TEXT_TOWER, FitContext, Fitted, Method,
                               StartPoint, register)
-from trainers.methods._common import check_fraction
+from trainers.methods._common import TWO_STEPS, check_fraction, set_grad_checkpointing
 from trainers.methods.flyp import (FLYPOptions, FLYPTask, contrastive_loss, fit_contrastive,
                                    gather_with_grad)
 
@@ -139,6 +139,9 @@ class CaRotTask(FLYPTask):
                  seed: int):
         super().__init__(clip_model, tokens, options, seed)
         self.teacher = copy.deepcopy(clip_model).eval().requires_grad_(False)
+        # The teacher runs without gradients: activation checkpointing there would only
+        # cost time (fit_contrastive switches it on for the student after this copy).
+        set_grad_checkpointing(self.teacher, False)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         o = self.options
@@ -177,4 +180,5 @@ def fit(start: StartPoint, options: CaRotOptions, ctx: FitContext) -> Fitted:
 
 register(Method(name="carot", options=CaRotOptions, fit=fit,
                 trains=frozenset({HEAD, IMAGE_TOWER, TEXT_TOWER}),
+                batch_size_options=("batch_size",), smoke={**TWO_STEPS, "ema_every": 1},
                 paper="https://arxiv.org/abs/2311.01723"))

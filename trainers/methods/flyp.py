@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # autograd-aware collectives (all_gather with gradients)
 import torch.nn.functional as F
 from torch import nn
 
 from trainers.methods import (HEAD, IMAGE_TOWER, TEXT_TOWER, FitContext, Fitted, Method,
                               StartPoint, rebuild_head, register, text_tower_state, train_mode)
-from trainers.methods._common import TrainOptions, optim_config
+from trainers.methods._common import TWO_STEPS, TrainOptions, grad_checkpointing, optim_config
 from trainers.models import ImageClassifier
 from trainers.train_loop import train, world
 
@@ -42,7 +43,6 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     keeping the gradient path to each worker's own rows; identity on one worker."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    import torch.distributed.nn  # autograd-aware collectives
     return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
 
 
@@ -124,7 +124,10 @@ def fit_contrastive(start: StartPoint, options: FLYPOptions, ctx: FitContext,
     model = copy.deepcopy(start.clip.model).to(ctx.device)
     model.visual.to(memory_format=torch.channels_last)
     task = (task_class or FLYPTask)(model, prompt_tokens(start, ctx.device), options, ctx.seed)
-    train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, ctx.hooks)
+    # Switched on after the task is built: CaRot's EMA teacher, a copy made there, runs
+    # without gradients and must not checkpoint (nothing to save memory for).
+    with grad_checkpointing(model, options.grad_checkpointing):
+        train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, ctx.hooks)
     return classifier_from_clip(start, model, ctx.device)
 
 
@@ -134,4 +137,5 @@ def fit(start: StartPoint, options: FLYPOptions, ctx: FitContext) -> Fitted:
 
 register(Method(name="flyp", options=FLYPOptions, fit=fit,
                 trains=frozenset({HEAD, IMAGE_TOWER, TEXT_TOWER}),
+                batch_size_options=("batch_size",), smoke=TWO_STEPS,
                 paper="https://arxiv.org/abs/2212.00638"))

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from trainers.methods import (HEAD, IMAGE_TOWER, FitContext, Fitted, Method, StartPoint,
                               register, train_mode)
-from trainers.methods._common import TrainOptions, check_fraction, optim_config
+from trainers.methods._common import (TWO_STEPS, TrainOptions, check_fraction,
+                                      grad_checkpointing, optim_config)
 from trainers.models import ImageClassifier
 from trainers.train_loop import Hooks, train
 
@@ -53,7 +54,8 @@ def fine_tune(classifier: ImageClassifier, options: FTOptions, ctx: FitContext,
     """Train `classifier` in place (LP-FT calls this with its LP head)."""
     torch.manual_seed(ctx.seed)
     task = FTTask(classifier, options)
-    train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, hooks)
+    with grad_checkpointing(classifier.image_encoder, options.grad_checkpointing):
+        train(task, ctx.train_set, optim_config(options, ctx.seed), ctx.device, hooks)
     return classifier.eval()
 
 
@@ -62,4 +64,5 @@ def fit(start: StartPoint, options: FTOptions, ctx: FitContext) -> Fitted:
 
 
 register(Method(name="ft", options=FTOptions, fit=fit, trains=frozenset({HEAD, IMAGE_TOWER}),
+                batch_size_options=("batch_size",), smoke=TWO_STEPS,
                 paper="https://arxiv.org/abs/2109.01903"))

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from trainers.evaluate import encode
 from trainers.methods import HEAD, FitContext, Fitted, Method, StartPoint, register
-from trainers.methods._common import OptimOptions, check_fraction, optim_config
+from trainers.methods._common import TWO_STEPS, OptimOptions, check_fraction, optim_config
 from trainers.models import ImageClassifier
 from trainers.train_loop import Hooks, train
 
@@ -83,5 +83,5 @@ def fit(start: StartPoint, options: LPOptions, ctx: FitContext) -> Fitted:
 
 
 register(Method(name="lp", options=LPOptions, fit=fit, trains=frozenset({HEAD}),
-                needs_train_features=True,
-                paper="https://arxiv.org/abs/2103.00020"))
+                needs_train_features=True, batch_size_options=("batch_size",),
+                smoke=TWO_STEPS, paper="https://arxiv.org/abs/2103.00020"))

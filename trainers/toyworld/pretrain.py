@@ -67,10 +67,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 
 from trainers.cache import atomic_path, cache_dir, file_lock, fingerprint
-from trainers.models import _TOY_CONFIG, TOY_ARCH
+from trainers.models import TOY_ARCH, TOY_CONFIG
 from trainers.progress import Progress, progress_callback
 from trainers.train_loop import warmup_cosine
 from trainers.toyworld import world
+from trainers.toyworld.benchmark import TEMPLATES, toy_benchmark
 
 PRETRAIN_VERSION = 1  # bump when the training code changes what a recipe produces
 
@@ -99,7 +100,7 @@ class PretrainRecipe:
 
 
 def checkpoint_key(recipe: PretrainRecipe, world_cfg: world.WorldConfig) -> str:
-    model_cfg = json.loads(_TOY_CONFIG.read_text())
+    model_cfg = json.loads(TOY_CONFIG.read_text())
     return fingerprint({"model": model_cfg, "recipe": asdict(recipe),
                         "world": world_cfg.fingerprint(), "version": PRETRAIN_VERSION})
 
@@ -158,7 +159,6 @@ def known_token_ids(world_cfg: world.WorldConfig = world.WorldConfig(),
     captions, its prompts (`TEMPLATES` x `CLASSNAMES`), each caption word alone, and the
     tokenizer's start, end and padding tokens. Generating (without pixels) and tokenizing
     the 48,000 captions takes ~10 s."""
-    from trainers.toyworld.benchmark import TEMPLATES
     tokenizer = open_clip.get_tokenizer(TOY_ARCH)
     captions, _, _ = world.pretraining_captions(world_cfg)
     prompts = [t.format(c) for c in world.CLASSNAMES for t in (templates or TEMPLATES)]
@@ -392,8 +392,6 @@ def main(argv: list[str] | None = None) -> None:
     weights: a second) and build the toy world's eval splits if missing, with progress.
     `--rebuild` (`make toy-clip`): pre-train the toy CLIP from scratch on this machine
     and rewrite the shipped weights file from it."""
-    from trainers.toyworld.benchmark import toy_benchmark
-
     parser = argparse.ArgumentParser(prog="python -m trainers.toyworld.pretrain",
                                      description=main.__doc__)
     parser.add_argument("--rebuild", action="store_true",

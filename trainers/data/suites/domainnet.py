@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 
 from ..benchmark import ID_TEST, Benchmark, DataError, EvalSet, FileImageDataset, Transform, identity_groups
-from ..folders import _abspath
-from . import TRAIN, Suite, SuiteOptions, hold_out_validation
+from ..folders import abspath
+from .common import TRAIN, Suite, SuiteOptions, hold_out_validation, openai_templates
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 # (train list, test list) lines per domain in the released ("cleaned") lists
@@ -92,9 +92,9 @@ def load(options: SuiteOptions, train_transform: Transform | None = None,
         if name not in DOMAINS or name == domain:
             others = ", ".join(d for d in DOMAINS if d != domain)
             raise DataError(f"shift {name!r} is not another DomainNet domain ({others})")
-    root = _abspath(options.root)
+    root = abspath(options.root)
     train_rows, test_rows = _read_list(root, domain, "train"), _read_list(root, domain, "test")
-    shift_rows = {name: _read_list(_abspath(path), name, "test")
+    shift_rows = {name: _read_list(abspath(path), name, "test")
                   for name, path in options.shifts.items()}
     folders = _class_folders(train_rows + test_rows + [r for rows in shift_rows.values()
                                                        for r in rows])
@@ -141,18 +141,13 @@ def load(options: SuiteOptions, train_transform: Transform | None = None,
     return Benchmark(
         name=f"domainnet-{domain}",
         classnames=names,
-        templates=options.templates or _openai_templates(),
+        templates=options.templates or openai_templates(),
         train=FileImageDataset(*train, train_transform),
         val=EvalSet("id_val", FileImageDataset(*val, eval_transform), names, groups),
         test=EvalSet(ID_TEST, FileImageDataset(*select(test_rows), eval_transform), names, groups),
         shifts=shifts,
         train_eval=FileImageDataset(*train, eval_transform),
     )
-
-
-def _openai_templates() -> tuple[str, ...]:
-    from .imagenet import openai_templates
-    return openai_templates()
 
 
 def _published(options: SuiteOptions) -> dict[str, int]:

@@ -37,9 +37,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
 from ..benchmark import ID_TEST, Benchmark, DataError, EvalSet, FileImageDataset, Transform, identity_groups
-from ..folders import _abspath, _image_files
-from . import TRAIN, Suite, SuiteOptions, hold_out_validation
+from ..folders import abspath, image_files
+from .common import TRAIN, Suite, SuiteOptions, hold_out_validation, openai_templates
 
 SHIFTS = ("imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a", "objectnet")
 PUBLISHED = {TRAIN: 1_281_167, ID_TEST: 50_000, "imagenet_v2": 10_000, "imagenet_sketch": 50_889,
@@ -91,14 +93,7 @@ def shift_wnids(shift: str) -> tuple[str, ...]:
 def classnames() -> tuple[str, ...]:
     """CLIP's 1,000 cleaned ImageNet class names, in index order. Two pairs of classes share
     a name ("missile", "sunglasses"), as in CLIP's own zero-shot evaluation."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     return tuple(IMAGENET_CLASSNAMES)
-
-
-def openai_templates() -> tuple[str, ...]:
-    """The 80 prompt templates of CLIP's ImageNet evaluation, as ``"{}"`` strings."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-    return tuple(t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES)
 
 
 def _chosen(classes: Sequence[str] | None) -> tuple[str, ...]:
@@ -149,7 +144,7 @@ def _listing(folders: Sequence[Path], names: Sequence[str]) -> tuple[list[Path],
     paths: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):
-        files = _image_files(folder, names[label])
+        files = image_files(folder, names[label])
         paths += files
         labels += [label] * len(files)
     return paths, labels
@@ -327,7 +322,7 @@ SHIFT_LOADERS = {"imagenet_v2": _imagenet_v2, "imagenet_sketch": _imagenet_sketc
 def load(options: SuiteOptions, train_transform: Transform | None = None,
          eval_transform: Transform | None = None) -> Benchmark:
     """The ImageNet benchmark (module docstring) for ``options``; lists files, opens none."""
-    root = _abspath(options.root)
+    root = abspath(options.root)
     chosen = _chosen(options.classes)
     all_names = classnames()
     index = {w: k for k, w in enumerate(wnids())}
@@ -348,7 +343,7 @@ def load(options: SuiteOptions, train_transform: Transform | None = None,
     shifts = {}
     for name, path in options.shifts.items():
         try:
-            shifts[name] = SHIFT_LOADERS[name](name, _abspath(path), classes, eval_transform)
+            shifts[name] = SHIFT_LOADERS[name](name, abspath(path), classes, eval_transform)
         except DataError as err:
             raise DataError(f"shift {name!r}: {err}") from None
     groups = identity_groups(len(chosen))

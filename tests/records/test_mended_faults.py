@@ -1,0 +1,153 @@
+"""Faults found by probing with real processes, each mended and held here: a full disk
+under the sweep's storage, `orch sync` by id alone and twice, the resume hint after an
+interruption, a finished resume's stale error, and a model upload cut short.
+
+A full disk is a small tmpfs mounted by the test (root only: elsewhere those tests say
+why they cannot run)."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+
+from conftest import image_task_spec
+
+pytestmark = pytest.mark.timeout(420)
+SLOW = {"name": "ft", "lr": 1e-4, "epochs": 30, "batch_size": 8, "warmup_steps": 1}
+
+
+@contextmanager
+def small_disk(folder: Path, size: str, leave: int | None = None):
+    """A tmpfs of `size` at `folder` (filled up to `leave` free bytes), unmounted after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'not root'})")
+    try:
+        if leave is not None:
+            free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+            (folder / "filler").write_bytes(b"\0" * max(0, free - leave))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def orch(*args: str, env: dict | None = None, cwd: Path | None = None,
+         **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, cwd=cwd, **kwargs)
+
+
+def parent_of(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`orch.kind` = 'sweep'")
+    return client, parent
+
+
+@pytest.mark.e2e
+def test_a_full_disk_is_one_line_exit_1_and_the_parent_says_why(image_task, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with small_disk(tmp_path / "full", "2m", leave=48 * 1024) as full:
+        spec = image_task_spec(image_task, name="full", storage_path=str(full / "runs"),
+                               method={**SLOW, "epochs": 3})
+        path = tmp_path / "full.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        proc = orch("sweep", str(path), env={"MLFLOW_TRACKING_URI": uri})
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], out
+    assert "Traceback" not in out and "Unhandled error" not in out, out
+    _, parent = parent_of(uri, "full")
+    assert parent.info.status == "FAILED"
+    assert "No space left on device" in parent.data.tags["orch.error"]
+
+
+@pytest.mark.e2e
+def test_the_resume_hint_carries_the_overrides_and_a_finished_resume_clears_the_error(
+        image_task, tmp_path):
+    """Ctrl-C prints a command that, copied as printed, continues the sweep (overrides
+    included); when it finishes, the parent run no longer says `interrupted`; then
+    `orch sync SWEEP_ID` alone finds the sweep from its MLflow records, and a second sync
+    appends nothing to any metric's history."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    spec = image_task_spec(image_task, name="hint", storage_path=str(tmp_path / "runs"),
+                           method=SLOW, ensemble={"name": "wise_ft", "alphas": [0.0, 0.5, 1.0]},
+                           resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    path = tmp_path / "hint.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    overrides = ["method.epochs=6", "grid.lr=[1.0e-4]"]
+    proc = orch("sweep", str(path), *overrides, env=env)
+    checkpoints = tmp_path / "runs"
+    deadline = 200
+    import time
+    start = time.monotonic()
+    while not list(checkpoints.glob("*/checkpoints/*.json")):
+        assert time.monotonic() - start < deadline, "no checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error:")]
+    command = line.split("`")[1]
+    words = shlex.split(command)
+    assert words[:3] == ["orch", "sweep", str(path)] and words[3:5] == overrides, command
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *words[1:]],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    client, parent = parent_of(uri, "hint")
+    assert parent.info.status == "FINISHED" and "orch.error" not in parent.data.tags
+
+    sweep_id = parent.data.tags["orch.sweep_id"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    histories = {}
+    for attempt in range(2):
+        sync = orch("sync", sweep_id, env=env, cwd=elsewhere)
+        text, _ = sync.communicate(timeout=120)
+        assert sync.returncode == 0, text
+        runs = client.search_runs([parent.info.experiment_id], max_results=100)
+        histories[attempt] = {(r.info.run_id, key): len(client.get_metric_history(r.info.run_id, key))
+                              for r in runs for key in r.data.metrics}
+    assert histories[1] == histories[0]
+    assert any(key == "selected_val_acc" for _, key in histories[0])
+
+
+def test_a_model_upload_cut_short_leaves_no_pending_model(tmp_path):
+    """The chosen model's upload fails on a full artifact disk: MLflow is told (the
+    sweep goes on), no PENDING logged model stays behind, and the next attempt (`orch
+    sync` with space again) leaves exactly one model, READY."""
+    from orchestrator.records.mlflow import SweepRecords
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = torch.nn.Linear(1024, 512)                 # 2 MB of weights
+    example = torch.zeros(2, 1024)
+    with small_disk(tmp_path / "artifacts", "1m") as artifacts:
+        MlflowClient(uri).create_experiment("upload", artifact_location=artifacts.as_uri())
+        records = SweepRecords(uri, "upload", "upload-1", echo=lambda line: None).open()
+        parent = records.start_parent({}, None)
+        records.log_model(model, example)
+        assert records.failed is not None and "space" in records.failed.lower()
+        client = MlflowClient(uri)
+        left = client.search_logged_models([records.experiment_id])
+        assert [m.status for m in left if m.status != LoggedModelStatus.READY] == []
+        subprocess.run(["mount", "-o", "remount,size=64m", str(artifacts)], check=True)
+        again = SweepRecords(uri, "upload", "upload-1", echo=lambda line: None).open()
+        again.start_parent({}, None, parent_id=parent)
+        again.log_model(model, example)
+        assert again.failed is None
+        models = client.search_logged_models([records.experiment_id])
+        assert [m.status for m in models] == [LoggedModelStatus.READY]
