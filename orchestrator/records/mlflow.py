@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 # An unreachable server must fail in seconds with one line, not after minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import mlflow  # noqa: E402
 from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: E402
@@ -379,4 +379,33 @@ class SweepRecords:
                 # a resumed sweep that finished: its earlier interruption is history
                 self.client.delete_tag(self.parent_id, "orch.error")
             self.client.set_terminated(self.parent_id, status)
+            self._delete_duplicates()
         self._try(write)
+
+    def _delete_duplicates(self) -> None:
+        """Delete the runs a client retry made twice. MLflow's HTTP client retries every
+        request, POSTs included, after a read timeout or a 5xx: a `create_run` the server
+        committed but answered too late for a loaded machine leaves a second run with the
+        same tags, RUNNING forever. The sweep's identity is its tags, so the copies are
+        found: another parent of this sweep, or a second run of one record key (the one
+        this process wrote to is kept, else a finished one)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'", max_results=50_000)
+        by_key: dict[str, list] = {}
+        for run in runs:
+            if run.data.tags.get(KIND_TAG) == "sweep":
+                if run.info.run_id != self.parent_id:
+                    self.client.delete_run(run.info.run_id)
+            elif "orch.record" in run.data.tags:
+                by_key.setdefault(run.data.tags["orch.record"], []).append(run)
+        for key, copies in by_key.items():
+            if len(copies) < 2:
+                continue
+            ours = (self._existing or {}).get(key, (None,))[0]
+            keep = next((r for r in copies if r.info.run_id == ours), None) or \
+                next((r for r in copies if r.info.status == "FINISHED"), copies[0])
+            for run in copies:
+                if run is not keep:
+                    self.client.delete_run(run.info.run_id)
+            if self._existing is not None:
+                self._existing[key] = (keep.info.run_id, keep.info.status)

@@ -151,3 +151,42 @@ def test_a_model_upload_cut_short_leaves_no_pending_model(tmp_path):
         assert again.failed is None
         models = client.search_logged_models([records.experiment_id])
         assert [m.status for m in models] == [LoggedModelStatus.READY]
+
+
+def test_mlflow_retries_a_create_and_the_sweep_deletes_the_copy(tmp_path):
+    """MLflow's HTTP client retries every request after a read timeout or a 5xx, POSTs
+    included: a `create_run` the server committed but answered late (a loaded machine)
+    leaves a copy with the same tags, RUNNING forever (CI once ended a sweep with two
+    parents). The parent's end deletes such copies: another parent of the sweep, and
+    every second run of one record key, keeping the one the sweep wrote to."""
+    from mlflow.utils.request_utils import _get_request_session
+
+    from orchestrator.records.mlflow import KIND_TAG, PARENT_TAG, SWEEP_TAG, SweepRecords
+    # the premise, on the installed MLflow: POST is among the retried methods
+    session = _get_request_session(max_retries=1, backoff_factor=1, backoff_jitter=1,
+                                   retry_codes=(500, 503), raise_on_status=True,
+                                   respect_retry_after_header=True)
+    retry = session.get_adapter("http://x").max_retries
+    assert retry.read == 1 and retry.is_retry("POST", 503)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    records = SweepRecords(uri, "copies", "copies-1", echo=lambda line: None).open()
+    parent = records.start_parent({}, None)
+    client = MlflowClient(uri)
+    tags = {SWEEP_TAG: "copies-1", PARENT_TAG: parent, KIND_TAG: "train"}
+    first_copy = client.create_run(records.experiment_id, tags={**tags, "orch.record": "train/a"})
+    ours = records.child("train/a", "a", "train", {}, metrics={"x": 1.0})
+    assert ours == first_copy.info.run_id          # found by its key, completed, not doubled
+    records._existing = None                        # as a fresh process (orch sync) sees it
+    kept = records.child("train/b", "b", "train", {}, metrics={"x": 2.0})
+    late_copy = client.create_run(records.experiment_id, tags={**tags, "orch.record": "train/b"})
+    parent_copy = client.create_run(records.experiment_id, run_name="copies-1",
+                                    tags={SWEEP_TAG: "copies-1", KIND_TAG: "sweep"})
+    records.finish("FINISHED")
+    assert records.failed is None
+    runs = client.search_runs([records.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted([parent, ours, kept])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    deleted = {client.get_run(r.info.run_id).info.lifecycle_stage
+               for r in (late_copy, parent_copy)}
+    assert deleted == {"deleted"}

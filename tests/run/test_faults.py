@@ -77,7 +77,9 @@ def assert_one_run_per_record_and_none_running(uri: str, name: str) -> list:
     runs = runs_of(uri, name)
     keys = Counter(r.data.tags["orch.record"] for r in runs if "orch.record" in r.data.tags)
     assert [k for k, n in keys.items() if n > 1] == []
-    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    running = [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert running == [], [(r.info.run_name, r.info.run_id, r.info.status, r.info.start_time,
+                            r.info.end_time, r.data.tags.get("orch.kind")) for r in runs]
     return runs
 
 
