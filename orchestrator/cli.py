@@ -286,7 +286,8 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
     click.echo(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU; "
                f"max concurrent: {r.max_concurrent_trials or 'as resources allow'}")
     click.echo(f"feature cache: {f.actors or 'auto'} actor(s) x {f.cpus_per_actor:g} CPU, "
-               f"{f.gpus_per_actor:g} GPU; batch {f.batch_size}")
+               f"{f.gpus_per_actor:g} GPU; decoders: "
+               f"{'auto' if f.decode_actors is None else f.decode_actors}; batch {f.batch_size}")
     click.echo(f"Ray: {address or 'local (started on demand)'}; storage: {spec.storage_path}")
     click.echo(f"MLflow: {tracking_uri or default_tracking_uri()}, experiment {spec.experiment!r}")
     click.echo("sets (classes, images):")

@@ -126,6 +126,24 @@ def feature_actors(f: FeaturesSpec, have: Have, rows: int) -> int:
     return max(1, min(have.fits(f.cpus_per_actor, f.gpus_per_actor), rows // (4 * f.batch_size)))
 
 
+def decode_actors(f: FeaturesSpec, have: Have, model_actors: int) -> int:
+    """CPU actors decoding images for the model actors: `features.decode_actors`, else
+    none for CPU model actors and every CPU the model actors leave for GPU ones. Never
+    more than the CPUs left: Ray Data would wait for a CPU no actor gives back."""
+    left = int(have.cpus - model_actors * f.cpus_per_actor)
+    wanted = f.decode_actors if f.decode_actors is not None else \
+        (left if f.gpus_per_actor > 0 else 0)
+    return max(0, min(wanted, left))
+
+
+def feature_layout(f: FeaturesSpec, have: Have, rows: int) -> tuple[int, int]:
+    """(model actors, decoder actors) of one encoding job: decoders asked for keep their
+    CPUs, and the model actors fit in the rest."""
+    rest = Have(max(have.cpus - (f.decode_actors or 0), f.cpus_per_actor), have.gpus)
+    actors = feature_actors(f, rest, rows)
+    return actors, decode_actors(f, have, actors)
+
+
 def check_resources(r: ResourcesSpec, f: FeaturesSpec, have: Have) -> None:
     """Unsatisfiable requests hang in Ray instead of failing: refuse them here."""
     actors = f.actors or 1

@@ -52,7 +52,7 @@ from torch import nn
 
 from orchestrator.assets.benchmarks import feature_datasets
 from orchestrator.assets.loaded import Assets, load_assets, load_fitted
-from orchestrator.run.cluster import Have, feature_actors
+from orchestrator.run.cluster import Have, feature_layout
 from orchestrator.run.errors import cause_line
 from orchestrator.spec.types import SweepSpec
 from orchestrator.storage import local_file
@@ -179,22 +179,22 @@ class FeatureCache:
         todo = sum(len(sets) for _, sets in missing)
         images = sum(len(self.datasets[s]) for _, sets in missing for s in sets)
         reused = f", {total - todo} reused from the cache" if total > todo else ""
+        actors, decoders = feature_layout(self.spec.features, Have.now(), images)
+        layout = f"{actors} model actor(s)" + (f", {decoders} decoder(s)" if decoders else "")
         self.echo(f"[features] {stage}: encoding {todo} set(s), {images:,} images, with Ray "
-                  f"Data{reused} ...")
+                  f"Data ({layout}){reused} ...")
         started = time.monotonic()
-        self._encode(missing)
+        self._encode(missing, actors, decoders)
         self.echo(f"[features] {stage}: done in {time.monotonic() - started:.0f}s")
         return paths
 
-    def _encode(self, jobs: list[tuple[ModelRef, list[str]]]) -> None:
-
+    def _encode(self, jobs: list[tuple[ModelRef, list[str]]], actors: int, decoders: int) -> None:
         f = self.spec.features
         # Rows are (model, set, index) triples, numbered 0..total-1 in job order; each
         # (model, set) is one segment, written to its own Parquet partition.
         segments = [(m.name, m.checkpoint, s, len(self.datasets[s])) for m, sets in jobs
                     for s in sets]
         total = sum(n for *_, n in segments)
-        actors = feature_actors(f, Have.now(), total)
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = False
@@ -207,6 +207,15 @@ class FeatureCache:
             blocks = max(actors * 2, min(total // f.batch_size + 1, 200))
             ids = ray.data.from_arrow([pa.table({"id": chunk})
                                        for chunk in np.array_split(np.arange(total), blocks)])
+            if decoders:
+                # JPEG decoding and resizing on CPU actors, so a GPU model actor never
+                # waits on the one core it holds; pixels reach it through the object store
+                ids = ids.map_batches(
+                    ImageDecoder, fn_constructor_kwargs={
+                        "datasets": {s: self.datasets[s] for *_, s, _ in segments},
+                        "segments": segments},
+                    batch_size=f.batch_size, batch_format="numpy",
+                    compute=ActorPoolStrategy(size=decoders), num_cpus=1)
             encoded = ids.map_batches(
                 FeatureEncoder, fn_constructor_kwargs={"spec": self.spec, "segments": segments},
                 batch_size=f.batch_size, batch_format="numpy",
@@ -381,8 +390,52 @@ def read_entry(path: str | Path, head: nn.Module | None = None, *,
                      logits=None if head is None else head_logits(head, features, precision))
 
 
+class _Rows:
+    """Row ids -> (segment, index in its set), for the segments of one encoding job."""
+
+    def __init__(self, segments: list[tuple[str, str | None, str, int]]):
+        self.segments = segments
+        self.starts = np.cumsum([0] + [n for *_, n in segments])
+
+    def split(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """[(segment, positions in `ids`, indices in the segment's set)] per segment."""
+        segment = np.searchsorted(self.starts, ids, side="right") - 1
+        return [(int(seg), np.flatnonzero(segment == seg), ids[segment == seg] - self.starts[seg])
+                for seg in np.unique(segment)]
+
+
+def decode(dataset, index: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Images (transformed, stacked) and labels of `index` in `dataset`."""
+    items = [dataset[int(i)] for i in index]
+    return (torch.stack([image for image, _ in items]),
+            np.array([label for _, label in items], dtype=np.int64))
+
+
+class ImageDecoder:
+    """A Ray Data CPU actor: reads, decodes and transforms the images of batches of row
+    ids, for the model actors (`features.decode_actors`). Its datasets come pickled from
+    the driver (paths and the model's transforms): no model is loaded here."""
+
+    def __init__(self, datasets: dict, segments: list[tuple[str, str | None, str, int]]):
+        torch.set_num_threads(1)
+        self.datasets, self.rows = datasets, _Rows(segments)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["id"])
+        pixels, labels = [None] * len(ids), np.empty(len(ids), dtype=np.int64)
+        order = []
+        for seg, positions, index in self.rows.split(ids):
+            images, labels[positions] = decode(self.datasets[self.rows.segments[seg][2]], index)
+            order.append((positions, images.numpy()))
+        stacked = np.empty((len(ids), *order[0][1].shape[1:]), dtype=order[0][1].dtype)
+        for positions, images in order:
+            stacked[positions] = images
+        return {"id": ids, "label": labels, "pixels": stacked}
+
+
 class FeatureEncoder:
-    """A Ray Data actor: loads the benchmark and models once, encodes batches of row ids."""
+    """A Ray Data actor: loads the benchmark and models once, encodes batches of row ids
+    (decoding their images itself, or taking the pixels an `ImageDecoder` made)."""
 
     def __init__(self, spec: SweepSpec, segments: list[tuple[str, str | None, str, int]]):
         threads = max(1, int(spec.features.cpus_per_actor))
@@ -391,9 +444,8 @@ class FeatureEncoder:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.assets = load_assets(spec, self.device)
         self.datasets = feature_datasets(self.assets.bench)
-        self.segments = segments
+        self.rows = _Rows(segments)
         self.precision = spec.eval.precision
-        self.starts = np.cumsum([0] + [n for *_, n in segments])
         self._models: dict[str, torch.nn.Module] = {}
         self._sizes: dict[str, int] = {}
 
@@ -411,15 +463,14 @@ class FeatureEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = np.asarray(batch["id"])
-        segment = np.searchsorted(self.starts, ids, side="right") - 1
         tables = []
-        for seg in np.unique(segment):
-            name, checkpoint, set_name, _ = self.segments[seg]
-            index = ids[segment == seg] - self.starts[seg]
-            dataset = self.datasets[set_name]
-            items = [dataset[int(i)] for i in index]
-            images = torch.stack([image for image, _ in items])
-            labels = np.array([label for _, label in items], dtype=np.int64)
+        for seg, positions, index in self.rows.split(ids):
+            name, checkpoint, set_name, _ = self.rows.segments[seg]
+            if "pixels" in batch:          # decoded by an ImageDecoder
+                images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][positions]))
+                labels = np.asarray(batch["label"])[positions]
+            else:
+                images, labels = decode(self.datasets[set_name], index)
             # the logits encode_batch also gives are not kept: the head recomputes them
             features, _ = encode_batch(self._classifier(name, checkpoint), images,
                                        self.device, self.precision)

@@ -247,9 +247,15 @@ class FeaturesSpec:
     actors: int | None = None       # actor-pool size; default: as many as the cluster fits
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # CPU actors (1 CPU each) that read, decode and transform images ahead of the model
+    # actors; 0 decodes in the model actors. Default: 0 when the model actors run on CPUs
+    # (they would compete for the same cores), else every CPU the model actors leave.
+    decode_actors: int | None = None
     cache_dir: str | None = None    # default: <orch cache>/features (shared storage on a cluster)
 
     def __post_init__(self):
+        if self.decode_actors is not None and self.decode_actors < 0:
+            raise ValueError(f"decode_actors must be >= 0, got {self.decode_actors}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.actors is not None and self.actors < 1:

@@ -1,6 +1,6 @@
 """Real open_clip towers end to end, with no download: ViT-B-32 and RN50 at random init
-(`pretrained: none`) run every method and every ensemble in one `orch sweep` each on a
-tiny image-folder tree written here; `orch export` then writes every trial alone and
+(`pretrained: none`) run the methods (all of them on ViT-B-32) and every ensemble in one
+`orch sweep` each on a tiny image-folder tree written here; `orch export` then writes every trial alone and
 WiSE-FT interior points, and a fresh Python that imports torch, open_clip and PIL only
 must predict what the sweep predicted, image by image.
 
@@ -47,10 +47,15 @@ CLASSES = ["cat", "dog"]
 SIZE = (232, 200)        # W x H, not the model's 224: resize, interpolation and crop all act
 TRAIN = {"epochs": 1, "batch_size": 2, "warmup_steps": 0}
 ALPHA = 0.5
+# Every method runs on ViT-B-32. RN50 (ModifiedResNet: BatchNorm buffers, attention pool)
+# runs one method per way of touching the tower (the image tower alone, both towers, a
+# model made elsewhere): LP, LP-FT and CaRot reach it through the same code as FT and FLYP.
+METHODS = {"ViT-B-32": ("zeroshot", "lp", "ft", "lp_ft", "flyp", "carot", "checkpoint"),
+           "RN50": ("zeroshot", "ft", "flyp", "checkpoint")}
 # WiSE-FT's interior points are a forward pass each: only these two trials get them (the
 # reported case, and a second model made elsewhere); its endpoints, OSE and VRF are every
 # trial's, from the cached outputs
-WISE_TRIALS = ("carot-00", "checkpoint-00")
+WISE_TRIALS = {"ViT-B-32": ("carot-00", "checkpoint-00"), "RN50": ("flyp-00", "checkpoint-00")}
 
 # A Python without orch: loads each checkpoint as the README says, predicts every image.
 FRESH = r"""
@@ -98,16 +103,17 @@ def sweep_spec(root: Path, arch: str, other_weights: Path) -> dict:
                       "templates": ["a photo of a {}."],
                       "shifts": {"sketch": {"path": str(root / "sketch")}}},
         "model": {"arch": arch, "pretrained": "none"},
-        "methods": [{"name": "zeroshot"},
-                    {"name": "lp", "lr": 1e-2, **TRAIN},
-                    {"name": "ft", "lr": 1e-4, **TRAIN},
-                    {"name": "lp_ft", "lr": 1e-4, "lp_lr": 1e-2, "lp_epochs": 1,
-                     "lp_batch_size": 2, "lp_warmup_steps": 0, **TRAIN},
-                    {"name": "flyp", "lr": 1e-4, **TRAIN},
-                    {"name": "carot", "lr": 1e-4, "ema_every": 1, **TRAIN},
-                    {"name": "checkpoint", "path": str(other_weights)}],
+        "methods": [m for m in [{"name": "zeroshot"},
+                                {"name": "lp", "lr": 1e-2, **TRAIN},
+                                {"name": "ft", "lr": 1e-4, **TRAIN},
+                                {"name": "lp_ft", "lr": 1e-4, "lp_lr": 1e-2, "lp_epochs": 1,
+                                 "lp_batch_size": 2, "lp_warmup_steps": 0, **TRAIN},
+                                {"name": "flyp", "lr": 1e-4, **TRAIN},
+                                {"name": "carot", "lr": 1e-4, "ema_every": 1, **TRAIN},
+                                {"name": "checkpoint", "path": str(other_weights)}]
+                    if m["name"] in METHODS[arch]],
         "ensembles": [{"name": "wise_ft", "alpha": [0.0, ALPHA, 1.0],
-                       "methods": [t.split("-")[0] for t in WISE_TRIALS]},
+                       "methods": [t.split("-")[0] for t in WISE_TRIALS[arch]]},
                       {"name": "ose", "alpha": [ALPHA]},
                       {"name": "vrf", "a": [1.5], "b": [0.6]}],
         # one trial at a time on both cores: two ViT-B-32 trials at once would double memory
@@ -192,12 +198,12 @@ def sweep_export_and_reload(arch: str, tmp_path: Path) -> None:
 
     # every method and every ensemble gave its points, with finite metrics
     trials = [t.name for t in Plan(spec).trials]
-    assert trials == ["zeroshot-00", "lp-00", "ft-00", "lp_ft-00", "flyp-00", "carot-00",
-                      "checkpoint-00"]
+    assert trials == [f"{m}-00" for m in METHODS[arch]]
     expected = {("zeroshot-00", ALONE, "{}")} | {
         (t, e, json.dumps(c)) for t in trials[1:] for e, c in
         [(ALONE, {}), ("ose", {"alpha": ALPHA}), ("vrf", {"a": 1.5, "b": 0.6})]} | {
-        (t, "wise_ft", json.dumps({"alpha": a})) for t in WISE_TRIALS for a in (0.0, ALPHA, 1.0)}
+        (t, "wise_ft", json.dumps({"alpha": a}))
+        for t in WISE_TRIALS[arch] for a in (0.0, ALPHA, 1.0)}
     assert {(r.trial, r.ensemble, json.dumps(r.coefficients)) for r in rows} == expected
     assert all(math.isfinite(r[k]) for r in rows for k in ("id_acc", "ood_acc", "id_nll"))
 
@@ -207,7 +213,7 @@ def sweep_export_and_reload(arch: str, tmp_path: Path) -> None:
     images = [str(p) for ds in sets.values() for p in ds.paths]
     exports = {t: ("--trial", t) for t in trials}
     exports.update({f"{t} alpha={ALPHA}": ("--trial", t, "--alpha", str(ALPHA))
-                    for t in WISE_TRIALS})
+                    for t in WISE_TRIALS[arch]})
     jobs = {}
     for name, args in exports.items():
         out = tmp_path / "exports" / f"{len(jobs)}.pt"
@@ -231,7 +237,7 @@ def sweep_export_and_reload(arch: str, tmp_path: Path) -> None:
     # ... orch's evaluation for an interior WiSE-FT point, as the sweep's job runs it
     wise = get_ensemble("wise_ft")
     test_images = len(sets["id_test"])
-    for trial in WISE_TRIALS:
+    for trial in WISE_TRIALS[arch]:
         fitted = load_fitted(assets, journal.trials()[trial]["model"], torch.device("cpu"))
         model = wise.mix(assets.start.fitted(), fitted, wise.options(),
                          {"alpha": ALPHA}).classifier
@@ -260,7 +266,7 @@ def sweep_export_and_reload(arch: str, tmp_path: Path) -> None:
         decided, ties, moved = compare(ours[name], got, f"{arch} {name}")
         compared, excused, worst = compared + decided, excused + ties, max(worst, moved)
     # the WiSE-FT points are interior: not either endpoint (each differs beyond the tolerance)
-    for trial in WISE_TRIALS:
+    for trial in WISE_TRIALS[arch]:
         mixed = ours[f"{trial} alpha={ALPHA}"][0]
         for end in (ours["zeroshot-00"][0], ours[trial][0]):
             assert (mixed - end).norm(dim=1).max() > EPS

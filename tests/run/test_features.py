@@ -26,20 +26,26 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def setup(image_task, ray_local, tmp_path):
-    spec = parse_spec(image_task_spec(image_task, features={"batch_size": 5,
-                                                             "cache_dir": str(tmp_path / "fc")}))
+def setup(image_task, ray_local, tmp_path, request):
+    decoders = getattr(request, "param", None)       # features.decode_actors
+    spec = parse_spec(image_task_spec(image_task, features={
+        "batch_size": 5, "cache_dir": str(tmp_path / "fc"),
+        **({} if decoders is None else {"decode_actors": decoders})}))
     bench = load_benchmark(spec.benchmark, load_model(spec.model))
     lines: list[str] = []
     return spec, bench, FeatureCache(spec, bench, lines.append), lines
 
 
+# None: the model actors decode (the default on CPUs); 1: an ImageDecoder actor decodes
+# and the model actor takes its pixels (the default beside GPU actors)
+@pytest.mark.parametrize("setup", [None, 1], indirect=True, ids=["decode-in-model", "decoder"])
 def test_cache_holds_what_a_plain_encode_gives_and_pandas_reads_it(setup):
     spec, bench, cache, lines = setup
     model = zero_shot_ref(spec, bench)
     sets = ["id_val", "sketch", "objectnet", ID_TRAIN]
     paths = cache.ensure([(model, sets)], "zero-shot")
     assert "encoding 4 set(s)" in lines[0]
+    assert ("1 decoder(s)" in lines[0]) == (spec.features.decode_actors == 1), lines[0]
     assets = load_assets(spec, CPU)
     zero_shot, head = assets.start.zero_shot, model_head(assets, None, CPU)
     datasets = feature_datasets(bench)
