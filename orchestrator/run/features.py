@@ -343,19 +343,23 @@ def model_head(assets: Assets, checkpoint: str | None, device: torch.device) -> 
 
 
 @torch.no_grad()
-def head_logits(head: nn.Module, features: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+def head_logits(head: nn.Module, features: torch.Tensor, precision: str = "fp32",
+                top1: bool = False) -> torch.Tensor:
     """(N, C) float32 logits on the head's device: the head on the features, as the
     classifier applies it (same autocast as `encode_batch`), in chunks of HEAD_CHUNK rows.
     They equal the encoder's own logits up to float32 summation order (other batch sizes
-    or device)."""
+    or device). With `top1`, only each row's top class (N,): the whole (N, C) is never
+    held."""
     device = next(head.parameters()).device
     chunks = []
     for start in range(0, len(features), HEAD_CHUNK):
         rows = features[start:start + HEAD_CHUNK].to(device, non_blocking=True)
         with _autocast(device, precision):
-            chunks.append(head(rows).float())
+            logits = head(rows).float()
+        chunks.append(logits.argmax(1) if top1 else logits)
     if not chunks:
-        return torch.empty(0, head.out_features, device=device)
+        return torch.empty(0, dtype=torch.int64, device=device) if top1 else \
+            torch.empty(0, head.out_features, device=device)
     return torch.cat(chunks)
 
 
@@ -364,13 +368,15 @@ class CachedSet:
     features: torch.Tensor        # (N, d) float32, L2-normalised (empty when not asked for)
     labels: torch.Tensor          # (N,) int64, in the set's own class space
     logits: torch.Tensor | None   # (N, C) float32 over the ID classes; None without a head
+    predictions: torch.Tensor | None = None   # (N,) top classes, when asked for (top1)
 
 
 def read_entry(path: str | Path, head: nn.Module | None = None, *,
-               with_features: bool = True) -> CachedSet:
+               with_features: bool = True, top1: bool = False) -> CachedSet:
     """One cached (model, set), rows in dataset order; with the model's `head`
-    (`model_head`), its logits too, computed on the head's device. A missing, damaged or
-    older-format entry raises FeatureCacheError naming the file."""
+    (`model_head`), its logits too, computed on the head's device, or with `top1` only
+    its top classes (a training split's logits are never held whole). A missing,
+    damaged or older-format entry raises FeatureCacheError naming the file."""
     path = Path(path)
     problem = entry_problem(path, path.name)
     if problem:
@@ -385,9 +391,11 @@ def read_entry(path: str | Path, head: nn.Module | None = None, *,
     column = table["features"].combine_chunks()
     features = torch.from_numpy(column.flatten().to_numpy().reshape(-1, column.type.list_size)
                                 .copy())
-    return CachedSet(features=features if with_features else torch.empty(0),
-                     labels=torch.from_numpy(table["label"].to_numpy().astype(np.int64)),
-                     logits=None if head is None else head_logits(head, features, precision))
+    labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))
+    del table, column
+    computed = None if head is None else head_logits(head, features, precision, top1=top1)
+    return CachedSet(features=features if with_features else torch.empty(0), labels=labels,
+                     logits=None if top1 else computed, predictions=computed if top1 else None)
 
 
 class _Rows:

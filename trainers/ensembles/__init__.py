@@ -46,15 +46,24 @@ class MemberOutputs:
     training split under evaluation preprocessing, aligned by index, when loaded).
 
     logits: (N, C) over the ID classes (projection to a set's own classes comes later);
+    predictions: (N,) top classes of sets whose logits were not kept (the training split:
+    1.28 M x 1,000 ImageNet logits are 5 GB a model, its top classes 10 MB);
     features: (N, d) L2-normalised image features, or None when not loaded."""
 
     logits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     features: dict[str, torch.Tensor] | None = None
+    predictions: dict[str, torch.Tensor] | None = None
 
     def eval_sets(self) -> list[str]:
         """The sets a mixture is evaluated on: all but the training split."""
         return [s for s in self.logits if s != TRAIN_SPLIT]
+
+    def predicted(self, set_name: str) -> torch.Tensor:
+        """(N,) top class of every sample of a set (from its logits when it has them)."""
+        if self.predictions and set_name in self.predictions:
+            return self.predictions[set_name]
+        return self.logits[set_name].argmax(1)
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,11 @@ class VRFOptions:
             raise ValueError(f"k must be >= 1, got {self.k}")
 
 
-def zero_shot_failures(zs_logits: torch.Tensor, ft_logits: torch.Tensor,
+def zero_shot_failures(zs_predicted: torch.Tensor, ft_predicted: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: the fine-tuned model is right and the zero-shot model is wrong."""
-    return (ft_logits.argmax(1) == labels) & (zs_logits.argmax(1) != labels)
+    """(N,) bool: the fine-tuned model is right and the zero-shot model is wrong, from
+    each model's top classes (N,)."""
+    return (ft_predicted == labels) & (zs_predicted != labels)
 
 
 def neighbour_rank(zsf_size: int, train_size: int, options: VRFOptions) -> int:
@@ -72,8 +73,8 @@ def mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options: VRFOptions
         points: list[Coefficients], device: torch.device | str = "cpu") -> Mixture:
     if fine_tuned.features is None:
         raise ValueError("VRF needs the fine-tuned model's image features")
-    failures = zero_shot_failures(zero_shot.logits[TRAIN_SPLIT], fine_tuned.logits[TRAIN_SPLIT],
-                                  fine_tuned.labels[TRAIN_SPLIT])
+    failures = zero_shot_failures(zero_shot.predicted(TRAIN_SPLIT),
+                                  fine_tuned.predicted(TRAIN_SPLIT), fine_tuned.labels[TRAIN_SPLIT])
     zsf = fine_tuned.features[TRAIN_SPLIT][failures]                       # (M, d)
     # No failure fixed by fine-tuning: every sample is infinitely far from the (empty)
     # set, so w = 0 and VRF is the calibrated zero-shot model.
