@@ -39,6 +39,11 @@ class Trial:
     def trained(self) -> bool:
         return get_method(self.method_name).trained
 
+    @property
+    def merges(self) -> bool:
+        """Merges other trials' fitted models (soups, Model Stock): it runs after them."""
+        return get_method(self.method_name).merges
+
     def config(self) -> dict[str, Any]:
         """What Ray Tune's search space holds for this trial: its entry and grid values."""
         return {"label": self.label, **self.hparams}
@@ -107,6 +112,10 @@ class Plan:
     @functools.cached_property
     def _by_name(self) -> dict[str, Trial]:
         return {t.name: t for t in self.trials}
+
+    def members(self, trial: Trial) -> list[Trial]:
+        """The trials a merging trial merges: those of the entry its `of` names."""
+        return [t for t in self.trials if t.label == trial.options.of]
 
     def trial(self, name: str) -> Trial:
         return self._by_name[name]

@@ -247,7 +247,10 @@ TINY = {"epochs": 2, "batch_size": 8, "warmup_steps": 1}
 SWEEP_METHODS = [{"name": "zeroshot"}, {"name": "lp", "lr": 1e-2, **TINY},
                  {"name": "ft", "lr": 1e-3, **TINY, "grid": {"lr": [1e-3, 1e-4]}},
                  {"name": "flyp", "lr": 1e-4, **TINY},
-                 {"name": "carot", "lr": 1e-4, **TINY, "ema_every": 2}]
+                 {"name": "carot", "lr": 1e-4, **TINY, "ema_every": 2},
+                 # merging FT's two trials: soups and Model Stock run after them
+                 {"name": "soup", "of": "ft", "kind": "uniform"},
+                 {"name": "model_stock", "of": "ft"}]
 SWEEP_ENSEMBLES = [{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]},
                    {"name": "ose", "alpha": [0.0, 0.5, 1.0]},
                    {"name": "vrf", "a": [0.5, 1.5], "b": [0.6]}]

@@ -56,7 +56,8 @@ from orchestrator.storage import StorageError, check_writable, join
 from trainers.data.benchmark import ID_TRAIN
 from trainers.methods import get_method
 
-TRAIN, ENSEMBLE = "train", "ensemble"
+TRAIN, MERGE, ENSEMBLE = "train", "merge", "ensemble"
+FITS = (TRAIN, MERGE)      # stages whose trials end in a fitted model
 
 
 class SweepError(RuntimeError):
@@ -118,7 +119,7 @@ class Sweep:
             self.live.trial_started()
 
     def trial_finished(self, stage: str, trial: Any, error: str | None) -> None:
-        if stage == TRAIN:
+        if stage in FITS:
             ok = self._train_finished(trial, error)
         else:
             ok = self._job_finished(trial, error)
@@ -130,7 +131,7 @@ class Sweep:
             self.live.running = max(0, self.live.running - 1)
 
     def trial_checkpointed(self, stage: str, trial: Any, path: str) -> None:
-        if stage == TRAIN:
+        if stage in FITS:
             self.journal.save_checkpoint(self.plan.trial_for(trial.config["trial"]).name, path)
 
     def _train_finished(self, trial: Any, error: str | None) -> bool | None:
@@ -261,7 +262,10 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         cache = FeatureCache(spec, bench, echo)
         records.datasets(_dataset_inputs(spec, bench, cache))
         feature_paths = _features_before_training(plan, cache, bench)
-        models = _train_stage(sweep, trained, feature_paths)
+        models = _train_stage(sweep, [t for t in trained if not t.merges], feature_paths)
+        # soups and Model Stock: trials of their own, on the fitted models of their members
+        models.update(_train_stage(sweep, [t for t in trained if t.merges], feature_paths,
+                                   models, stage=MERGE))
         feature_paths.update(_features_after_training(plan, models, cache, bench))
         table = Table.of(_ensemble_stage(sweep, models, feature_paths))
         publish(records, plan, table, models, register)
@@ -346,32 +350,35 @@ def _features_after_training(plan: Plan, checkpoints: dict[str, str], cache: Fea
     return cache.ensure(jobs, f"zero-shot and {len(plan.trained)} fitted model(s)")
 
 
-def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict) -> dict[str, str]:
-    """One Tune trial per grid point of every method that trains, all in one Tuner; each
-    recorded as it ends. Returns {trial name: fitted-model file}."""
+def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict,
+                 members: dict[str, str] | None = None, stage: str = TRAIN) -> dict[str, str]:
+    """One Tune trial per grid point of every method in `trials`, all in one Tuner; each
+    recorded as it ends. `members`: the fitted-model files merging trials read (the
+    MERGE stage). Returns {trial name: fitted-model file}."""
     if not trials:
         return {}
     plan, journal = sweep.plan, sweep.journal
     done = {n: r for n, r in journal.trials().items() if r["status"] == "ok"}
     todo = [t for t in trials if t.name not in done]
     if todo:
-        sweep.echo(f"[train] {len(todo)} trial(s) on Ray Tune"
+        sweep.echo(f"[{stage}] {len(todo)} trial(s) on Ray Tune"
                    + (f" ({len(done)} finished before)" if done else "") + " ...")
         # The named hyper-parameters themselves are the search space (`trial/lr`,
         # `trial/seed`), so a Tune searcher or scheduler sees them; each trial rebuilds
         # its options from them. A resumed sweep lists just the unfinished trials.
         if len(todo) == len(trials):
+            labels = {t.label for t in trials}
             space = [{"label": e.label, **{k: tune.grid_search(v) for k, v in e.grid.items()}}
-                     for e in plan.spec.methods if get_method(e.method_name).trained]
+                     for e in plan.spec.methods if e.label in labels]
         else:
             space = [t.config() for t in todo]
         resume_from = {n: path for n, path in journal.checkpoints().items()
                        if n in {t.name for t in todo}}
         results = _tune(tune.with_parameters(train_trial, spec=plan.spec,
                                              feature_paths=feature_paths,
-                                             resume_from=resume_from,
+                                             resume_from=resume_from, members=members,
                                              workers_storage=join(journal.tune_storage, "workers")),
-                        {"trial": tune.grid_search(space)}, sweep, TRAIN, len(todo))
+                        {"trial": tune.grid_search(space)}, sweep, stage, len(todo))
         failures = [_trial_error(r, f"training trial {plan.trial_for(r.config['trial']).name}")
                     for r in results if r.error is not None and r.config]
         if failures:  # every trial is recorded first, then the first failure is reported

@@ -22,7 +22,7 @@ import ray.train.torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.assets.loaded import load_assets, save_fitted
+from orchestrator.assets.loaded import load_assets, load_fitted, save_fitted
 from orchestrator.plan import Plan, Trial
 from orchestrator.run.cluster import worker_request
 from orchestrator.run.features import ZERO_SHOT, read_entry
@@ -67,7 +67,8 @@ def _history_row(history: list[dict], phase: str, metrics: dict) -> dict:
 
 
 def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.device,
-         checkpoint, report: Callable[[dict, Path | None], None], is_first: bool = True) -> None:
+         checkpoint, report: Callable[[dict, Path | None], None], is_first: bool = True,
+         members: dict[str, str] | None = None) -> None:
     """Fit one grid point, continuing from `checkpoint` (a Tune or Train checkpoint, or
     None); `report(metrics, folder)` hands each epoch's state (and at the end the fitted
     model) to whoever runs the fit. Only the first data-parallel worker writes files."""
@@ -100,8 +101,15 @@ def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.devic
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial) - workers))
     hooks = Hooks(on_epoch_end=on_epoch_end, resume_state=resume_state, progress=False,
                   num_workers=workers)
+    member_models = None
+    if trial.merges:              # soups, Model Stock: the member trials' fitted models
+        plan = Plan(spec)
+
+        def member_models():
+            return [load_fitted(assets, members[m.name], device) for m in plan.members(trial)]
     ctx = FitContext(assets.bench.train, device, trial.seed, hooks, train_features=train_features,
-                     train_eval_set=assets.bench.train_eval)
+                     train_eval_set=assets.bench.train_eval, members=member_models,
+                     val_set=assets.bench.val.dataset)
     fitted = method.fit(assets.start, trial.options, ctx)
     with tempfile.TemporaryDirectory() as folder:
         if is_first:
@@ -112,7 +120,8 @@ def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.devic
 
 
 def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, str], str],
-                resume_from: dict[str, str] | None = None, workers_storage: str = "") -> None:
+                resume_from: dict[str, str] | None = None, workers_storage: str = "",
+                members: dict[str, str] | None = None) -> None:
     """Fit one grid point (config["trial"]: `Trial.config`, its named hyper-parameters);
     checkpoint every epoch; end with the fitted model file. A trial Tune restarts
     continues from its last checkpoint; so does one a resumed sweep starts
@@ -122,7 +131,7 @@ def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, st
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and (resume_from or {}).get(trial.name):
         checkpoint = tune.Checkpoint(resume_from[trial.name])
-    if spec.resources.workers_per_trial > 1:
+    if spec.resources.workers_per_trial > 1 and not trial.merges:
         _train_data_parallel(spec, trial, feature_paths, checkpoint, workers_storage)
         return
     device = setup(spec)
@@ -130,7 +139,7 @@ def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, st
     def report(metrics: dict, folder: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    _fit(spec, trial, feature_paths, device, checkpoint, report)
+    _fit(spec, trial, feature_paths, device, checkpoint, report, members=members)
 
 
 def _train_data_parallel(spec: SweepSpec, trial: Trial, feature_paths: dict, checkpoint,

@@ -154,7 +154,22 @@ def _parse_methods(raw: dict) -> tuple[MethodEntry, ...]:
         if label in labels[:i]:
             raise SpecError(f"methods[{i}].label", f"two entries are called {label!r}: give "
                                                    "each a distinct `label:`")
+    _check_members(entries)
     return tuple(entries)
+
+
+def _check_members(entries: list) -> None:
+    """A merging method's `of` names an entry that trains (not another merge)."""
+    trains = {e.label for e in entries if get_method(e.method_name).trained
+              and not get_method(e.method_name).merges}
+    for i, entry in enumerate(entries):
+        if not get_method(entry.method_name).merges:
+            continue
+        path = f"methods[{i}].of" if len(entries) > 1 else "method.of"
+        if entry.options.of not in trains:
+            raise SpecError(path, f"{entry.options.of!r} is not a trained method entry of this "
+                                  f"sweep (its label); trained entries: "
+                                  f"{', '.join(sorted(trains)) or 'none'}")
 
 
 def _entry_name(data: Any, path: str, kind: str, registry) -> str:

@@ -36,7 +36,8 @@ def runs_by_kind(client, kind):
     return client.search_runs([experiment.experiment_id], f"tags.`orch.kind` = '{kind}'")
 
 
-TRAINED = ("lp-00", "ft-00_lr=0.001", "ft-01_lr=0.0001", "flyp-00", "carot-00")
+TRAINED = ("lp-00", "ft-00_lr=0.001", "ft-01_lr=0.0001", "flyp-00", "carot-00", "soup-00",
+           "model_stock-00")
 TRAIN_IMAGES = 8 * len(CLASSES)           # conftest's image_task: 8 per class in task/train
 
 
@@ -53,8 +54,9 @@ def test_sweep_succeeds_and_prints_table_and_mlflow_command(finished_sweep):
 
 @pytest.mark.e2e
 def test_mlflow_has_a_child_run_per_trial_and_point(finished_sweep):
-    """LP, FT (two learning rates), FLYP and CaRot with WiSE-FT, OSE and VRF: one child
-    run per point with its ensemble and coefficients as params, and the metrics of each."""
+    """LP, FT (two learning rates), FLYP, CaRot, a soup and Model Stock of the two FT
+    trials, with WiSE-FT, OSE and VRF: one child run per point with its ensemble and
+    coefficients as params, and the metrics of each."""
     _, uri, _ = finished_sweep
     client = MlflowClient(uri)
     (parent,) = runs_by_kind(client, "sweep")
@@ -97,11 +99,15 @@ def test_mlflow_has_a_child_run_per_trial_and_point(finished_sweep):
     assert {"pareto.png", "calibration.png", "reliability", "pareto.json", "pareto_front.json",
             "sweep.yaml"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "reliability")} == {
-        f"reliability/{m}.png" for m in ("zeroshot", "lp", "ft", "flyp", "carot")}
+        f"reliability/{m}.png" for m in ("zeroshot", "lp", "ft", "flyp", "carot", "soup",
+                                         "model_stock")}
     assert parent.data.tags["orch.selected_run"] in {r.info.run_id for r in evals}
     assert "selected_val_acc" in parent.data.metrics
     # one chosen point per (method, ensemble)
-    assert sum(r.data.metrics["chosen"] for r in evals) == 1 + 4 * 4
+    assert sum(r.data.metrics["chosen"] for r in evals) == 1 + 6 * 4
+    # the merged trials record what they merged
+    soup, stock = ({t.info.run_name: t for t in trains}[n] for n in ("soup-00", "model_stock-00"))
+    assert soup.data.metrics["soup_size"] == 2 and stock.data.metrics["stock_members"] == 2
     names = {d.dataset.name for d in parent.inputs.dataset_inputs}     # the UI's Datasets column
     assert names == {"id_val", "id_test", "sketch", "objectnet", "train"}
 
@@ -132,7 +138,8 @@ def test_report_prints_the_last_sweep(finished_sweep):
     assert lines[1].split()[:3] == ["method", "ensemble", "chosen"]
     assert "OOD ECE TS" in lines[1]
     assert [line.split()[:2] for line in lines[3:]] == [["zeroshot", "-"]] + [
-        [m, e] for m in ("lp", "ft", "flyp", "carot") for e in ("-", "wise_ft", "ose", "vrf")]
+        [m, e] for m in ("lp", "ft", "flyp", "carot", "soup", "model_stock")
+        for e in ("-", "wise_ft", "ose", "vrf")]
     points = CliRunner().invoke(main, ["report", "--points"], env={"MLFLOW_TRACKING_URI": uri})
     assert points.output.count("ft-0") == 2 * 9 and "<- chosen on ID val" in points.output
 
@@ -146,7 +153,7 @@ def test_report_as_json_and_csv(finished_sweep):
     env = {"MLFLOW_TRACKING_URI": uri}
     data = json.loads(CliRunner().invoke(main, ["report", "--json"], env=env).output)
     assert data["status"] == "FINISHED" and len(data["points"]) == 1 + len(TRAINED) * 9
-    assert len(data["chosen"]) == 1 + 4 * 4
+    assert len(data["chosen"]) == 1 + 6 * 4
     rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(main, ["report", "--csv"],
                                                               env=env).output)))
     assert len(rows) == len(data["points"]) and {"alpha", "a", "b", "id_acc"} <= set(rows[0])

@@ -65,6 +65,11 @@ class FitContext:
     # None means a method that needs them encodes the split itself, once.
     train_features: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     train_eval_set: Dataset | None = None   # training split, evaluation preprocessing
+    # A merging method's members (`Method.merges`): the fitted models of the trials of
+    # the method entry its `of` option names, in sweep order; and the ID validation set
+    # (evaluation preprocessing) that a greedy soup chooses on.
+    members: Callable[[], list["Fitted"]] | None = None
+    val_set: Dataset | None = None
 
 
 @dataclass
@@ -97,12 +102,19 @@ class Method:
     # Options that make a fit of two tiny steps (registry tests, smoke runs): every
     # method knows its own option names, nothing else does.
     smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Merges the fitted models of another method entry's trials (its option `of` names
+    # the entry's label) instead of training: its trials run after those (soups, Model
+    # Stock); it changes whatever its members changed.
+    merges: bool = False
 
     def __post_init__(self):
         unknown = set(self.trains) - set(PARTS)
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown parts {sorted(unknown)}")
         fields = {f.name for f in dataclasses.fields(self.options)}
+        if self.merges and "of" not in fields:
+            raise ValueError(f"method {self.name!r}: a merging method names its members "
+                             "with an option `of`")
         for name in (*self.batch_size_options, *self.smoke):
             if name not in fields:
                 raise ValueError(f"method {self.name!r}: {name!r} is not one of its options")
