@@ -438,8 +438,12 @@ def schema() -> None:
 @click.option("--storage-path", default=None,
               help="Where the sweep ran (its file's storage_path), when SWEEP is an id "
                    "[default: where its MLflow records say, else ./runs].")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-              help="MLflow tracking URI [default: the one the sweep used].")
+# Not read from $MLFLOW_TRACKING_URI: a sweep's records belong in the store it used (its
+# journal says which); the variable only finds a sweep given by id, or stands in for a
+# journal that names no store.
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [default: the one the sweep used, else "
+                   "$MLFLOW_TRACKING_URI].")
 @click.option("--force", is_flag=True,
               help="Sync a sweep recorded as running on another machine that is gone.")
 @verbose_option

@@ -90,6 +90,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def tracking_uri_unchanged():
+    """A test that leaves $MLFLOW_TRACKING_URI changed fails: every later `orch` subprocess
+    would inherit it (`mlflow.set_tracking_uri` writes it; orch's sweep once left it set,
+    and a later `orch sync` wrote into that store)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    if after != before:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+        pytest.fail(f"this test left $MLFLOW_TRACKING_URI={after!r} (was {before!r})",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True)
 def only_e2e_starts_ray(request):
     """A test without the e2e mark that starts Ray by other means (`orch sweep` in this
     process, Ray Data, Tune) fails, naming the mark it lacks."""

@@ -8,6 +8,7 @@ nothing new the second time.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from orchestrator.commands.sweeps import find_journal, journal_spec
@@ -32,7 +33,7 @@ def sync_sweep(sweep: str, storage_path: str | None, tracking_uri: str | None,
         raise SyncError(f"sweep {journal.sweep_id} is still running (pid {meta.get('pid')} on "
                         f"{meta.get('host')}); if that machine is gone, sync with --force")
     plan = Plan(journal_spec(journal))
-    uri = tracking_uri or meta.get("tracking_uri")
+    uri = tracking_uri or meta.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise SyncError(f"sweep {journal.sweep_id} names no tracking URI: pass --tracking-uri")
     records = SweepRecords(uri, meta.get("experiment", plan.spec.experiment), journal.sweep_id,

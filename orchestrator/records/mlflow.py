@@ -28,6 +28,7 @@ from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
 from mlflow.entities import (DatasetInput, InputTag, LoggedModelStatus, Metric, Param,  # noqa: E402
                              RunTag)
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking._tracking_service import utils as mlflow_tracking_state  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import trainers  # noqa: E402
@@ -101,6 +102,27 @@ def sqlite_file(uri: str) -> Path | None:
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
     return Path(path[len("file:"):] if path.startswith("file:") else path)
+
+
+@contextlib.contextmanager
+def tracking_uri(uri: str):
+    """MLflow's fluent API pointed at `uri` for a while, then back as it was.
+    `mlflow.set_tracking_uri` also writes $MLFLOW_TRACKING_URI "so that subprocesses
+    inherit it": left set, every `orch` command this process starts afterwards would
+    take the last sweep's store for its own (an `orch sync` wrote a sweep's records into
+    another store so)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    # the URI set in this process, if any (not the variable's: that one is restored below)
+    previous = getattr(mlflow_tracking_state, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 class SweepRecords:
@@ -333,7 +355,6 @@ class SweepRecords:
         def write() -> None:
             with torch.no_grad():
                 output = model(example).float().numpy()
-            mlflow.set_tracking_uri(self.uri)
             # Named, not inferred: MLflow's inference imports and scans for seconds.
             requirements = [f"torch=={version('torch')}", f"torchvision=={version('torchvision')}",
                             f"open_clip_torch=={version('open_clip_torch')}",
@@ -341,7 +362,7 @@ class SweepRecords:
             self._delete_unfinished_models()
             try:
                 # MLflow prints its own registration lines; orch says it in one line below
-                with mlflow.start_run(run_id=self.parent_id), \
+                with tracking_uri(self.uri), mlflow.start_run(run_id=self.parent_id), \
                         contextlib.redirect_stdout(io.StringIO()), \
                         contextlib.redirect_stderr(io.StringIO()):
                     info = mlflow.pytorch.log_model(

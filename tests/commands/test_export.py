@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import TINY_CLASSES, image_task_spec
 from orchestrator.cli import main
 from orchestrator.records.journal import Journal
+from orchestrator.records.mlflow import tracking_uri
 from orchestrator.records.row import ALONE, Row
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]     # the suite's full sweep
@@ -128,12 +129,14 @@ def test_the_chosen_model_is_logged_with_signature_and_registered(sweep, image_t
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("e2e")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'sweep'")
-    mlflow.set_tracking_uri(uri)
-    model_info = mlflow.models.get_model_info(f"runs:/{parent.info.run_id}/model")
+    # orch's own scoped setter: mlflow.set_tracking_uri alone would leave
+    # $MLFLOW_TRACKING_URI set for every later test's subprocesses
+    with tracking_uri(uri):
+        model_info = mlflow.models.get_model_info(f"runs:/{parent.info.run_id}/model")
+        (version,) = client.search_model_versions("name='orch-e2e'")
+        model = mlflow.pytorch.load_model(f"models:/orch-e2e/{version.version}")
     assert model_info.signature is not None and model_info.saved_input_example_info is not None
-    (version,) = client.search_model_versions("name='orch-e2e'")
     assert version.run_id == parent.info.run_id
-    model = mlflow.pytorch.load_model(f"models:/orch-e2e/{version.version}")
     example = np.zeros((1, 3, 32, 32), dtype=np.float32)
     assert model(__import__("torch").from_numpy(example)).shape == (1, len(TINY_CLASSES))
     # the logged model is the sweep's chosen single-model point

@@ -190,3 +190,26 @@ def test_mlflow_retries_a_create_and_the_sweep_deletes_the_copy(tmp_path):
     deleted = {client.get_run(r.info.run_id).info.lifecycle_stage
                for r in (late_copy, parent_copy)}
     assert deleted == {"deleted"}
+
+
+def test_logging_a_model_leaves_the_processs_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """`mlflow.set_tracking_uri` writes $MLFLOW_TRACKING_URI for subprocesses to inherit:
+    left set by a sweep run in-process, the next `orch sync` this process started wrote a
+    sweep's records into that other store (CI's failure). Logging the chosen model points
+    MLflow at the sweep's store only while it logs."""
+    import mlflow
+
+    from orchestrator.records.mlflow import SweepRecords
+    theirs = f"sqlite:///{tmp_path / 'theirs.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", theirs)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    records = SweepRecords(uri, "env", "env-1", echo=lambda line: None).open()
+    records.start_parent({}, None)
+    records.log_model(torch.nn.Linear(4, 2), torch.zeros(2, 4))
+    assert records.failed is None
+    assert os.environ["MLFLOW_TRACKING_URI"] == theirs and mlflow.get_tracking_uri() == theirs
+    logged = MlflowClient(uri).search_logged_models([records.experiment_id])
+    assert [m.source_run_id for m in logged] == [records.parent_id]      # went to the sweep's
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    records.log_model(torch.nn.Linear(4, 2), torch.zeros(2, 4))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
