@@ -23,7 +23,7 @@ METRIC_KEYS = ("acc", "ece", "nll", "ece_ts", "nll_ts")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16,
@@ -40,7 +40,7 @@ def predict(model: torch.nn.Module, dataset: Dataset, device: torch.device,
                         pin_memory=device.type == "cuda")
     logits, labels = [], []
     for images, targets in loader:
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out = model(images.to(device, non_blocking=True))
         logits.append(out.float().cpu())
         labels.append(torch.as_tensor(targets))
@@ -52,7 +52,7 @@ def encode_batch(classifier: torch.nn.Module, images: torch.Tensor, device: torc
                  precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(L2-normalised image features (B, d), logits (B, C)) of one batch, float32 on CPU.
     One image-tower pass gives both (the head is linear on the features)."""
-    with _autocast(device, precision):
+    with autocast(device, precision):
         features = classifier.features(images.to(device, non_blocking=True))
         logits = classifier.head(features)
     return features.float().cpu(), logits.float().cpu()

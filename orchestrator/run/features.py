@@ -57,7 +57,7 @@ from orchestrator.run.errors import cause_line
 from orchestrator.spec.types import SweepSpec
 from orchestrator.storage import local_file
 from trainers.cache import cache_dir, fingerprint
-from trainers.evaluate import _autocast, encode_batch
+from trainers.evaluate import autocast, encode_batch
 from trainers.models import RANDOM_INIT, TOY, names_a_file, random_init_identity
 from trainers.toyworld.pretrain import toy_clip_checkpoint
 
@@ -355,7 +355,7 @@ def head_logits(head: nn.Module, features: torch.Tensor, precision: str = "fp32"
     chunks = []
     for start in range(0, len(features), HEAD_CHUNK):
         rows = features[start:start + HEAD_CHUNK].to(device, non_blocking=True)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = head(rows).float()
         chunks.append(logits.argmax(1) if top1 else logits)
     if not chunks:

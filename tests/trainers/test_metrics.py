@@ -258,15 +258,15 @@ def test_project_rejects_too_few_columns():
 def test_evaluation_is_fp32_unless_bf16_is_asked_for_on_a_gpu():
     """fp32 is the papers' protocol (bf16 autocast moves ~0.7 % of ImageNet top-1
     predictions): autocast is on only for precision bf16 on a CUDA device."""
-    from trainers.evaluate import _autocast
+    from trainers.evaluate import autocast
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     import warnings
     with warnings.catch_warnings():      # no GPU here: torch warns that it disables it
         warnings.simplefilter("ignore")
-        assert not _autocast(cuda, "fp32")._enabled
-        assert not _autocast(cpu, "bf16")._enabled
-        bf16 = _autocast(cuda, "bf16")
+        assert not autocast(cuda, "fp32")._enabled
+        assert not autocast(cpu, "bf16")._enabled
+        bf16 = autocast(cuda, "bf16")
     assert bf16.fast_dtype == torch.bfloat16
     assert bf16._enabled == torch.cuda.is_available()
     with pytest.raises(ValueError, match="precision"):
-        _autocast(cpu, "fp16")
+        autocast(cpu, "fp16")
