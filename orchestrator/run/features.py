@@ -444,16 +444,15 @@ class ImageDecoder:
         self.datasets, self.rows = datasets, _Rows(segments)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = np.asarray(batch["id"])
-        pixels, labels = [None] * len(ids), np.empty(len(ids), dtype=np.int64)
-        order = []
-        for seg, positions, index in self.rows.split(ids):
-            images, labels[positions] = decode(self.datasets[self.rows.segments[seg][2]], index)
-            order.append((positions, images.numpy()))
-        stacked = np.empty((len(ids), *order[0][1].shape[1:]), dtype=order[0][1].dtype)
-        for positions, images in order:
-            stacked[positions] = images
-        return {"id": ids, "label": labels, "pixels": stacked}
+        # rows leave grouped by segment, each with its own id: the encoder places them
+        rows, ids, images, labels = np.asarray(batch["id"]), [], [], []
+        for seg, positions, index in self.rows.split(rows):
+            pixels, label = decode(self.datasets[self.rows.segments[seg][2]], index)
+            ids.append(rows[positions])
+            images.append(pixels)
+            labels.append(label)
+        return {"id": np.concatenate(ids), "label": np.concatenate(labels),
+                "pixels": torch.cat(images).numpy()}
 
 
 class FeatureEncoder:
