@@ -283,6 +283,11 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
         applies = ", ".join(entry.methods) if entry.methods else "every trained method"
         click.echo(f"ensemble {entry.name} ({entry.ensemble.mixes}): {grid}; "
                    f"{len(entry.points())} point(s) per trial; applies to {applies}")
+    if spec.search.scheduler:
+        s = spec.search
+        click.echo(f"early stopping: {s.scheduler} on ID validation accuracy per epoch, grace "
+                   f"{s.grace_period} epoch(s), reduction factor {s.reduction_factor:g}; "
+                   f"searches {', '.join(s.methods) if s.methods else 'every trained method'}")
     click.echo(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU; "
                f"max concurrent: {r.max_concurrent_trials or 'as resources allow'}")
     click.echo(f"feature cache: {f.actors or 'auto'} actor(s) x {f.cpus_per_actor:g} CPU, "
@@ -358,6 +363,10 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
     if found.note:
         click.echo(found.note)
     click.echo(format_points(found.table) if points else format_summary(found.table))
+    if found.stopped:
+        click.echo("stopped early by the search (no model; not in the table):")
+        for line in found.stopped:
+            click.echo(f"  {line}")
 
 
 @main.command()

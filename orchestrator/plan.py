@@ -155,10 +155,13 @@ class Plan:
             out += [(entry.name, c) for c in entry.points() if endpoint(c) is None]
         return out
 
-    def jobs(self, trials: list[Trial] | None = None) -> list[Job]:
-        """Per trial the job on cached outputs, then one job per interior weight-space point."""
+    def jobs(self, trials: list[Trial] | None = None, skip: set[str] = frozenset()) -> list[Job]:
+        """Per trial the job on cached outputs, then one job per interior weight-space
+        point; `skip`: names of trials with no model (stopped early by the search)."""
         out = []
         for trial in self.trials if trials is None else trials:
+            if trial.name in skip:
+                continue
             out.append(Job(trial.name))
             out += [Job(trial.name, name, c) for name, c in self.weight_points(trial)]
         return out

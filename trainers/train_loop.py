@@ -11,7 +11,9 @@ generator, rides along in the checkpoint).
 
 Optional task methods: `after_step(step, total_steps)` runs after each optimizer
 step (CaRot's EMA teacher), `extra_state()` / `load_extra_state(state)` save and
-restore what the task keeps besides `task.model`.
+restore what the task keeps besides `task.model`, and `classifier()` gives the model as
+evaluation would see it now (images -> logits), which `Hooks.validate` measures after
+every epoch of the main phase (early stopping reads it).
 
 Data-parallel: when a torch.distributed process group is up (Ray Train's TorchTrainer
 starts one), every worker walks the same seeded global batches and takes its share of
@@ -79,6 +81,10 @@ class Hooks:
     # checkpoint so a resumed run knows which phase it stopped in. The last (or only)
     # phase is MAIN_PHASE: its losses are the trial's loss curve, the others' are prefixed.
     phase: str = MAIN_PHASE
+    # Measures a classifier (images -> logits), e.g. {"val_acc": ...}: called after each
+    # epoch of the main phase with `task.classifier()` (tasks without one are not
+    # measured); its metrics join the epoch's, with `epochs_done` (main-phase epochs).
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
 
     def for_phase(self, phase: str, resume_state: dict | None) -> "Hooks":
         return dataclasses.replace(self, phase=phase, resume_state=resume_state)
@@ -282,6 +288,11 @@ def train(task: Task, dataset: Dataset, cfg: OptimConfig, device: torch.device,
                 loss_sum, seen = float(totals[0]), int(totals[1])
             metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                        "lr": scheduler.get_last_lr()[0]}
+            classifier = getattr(task, "classifier", None)
+            if hooks.validate is not None and hooks.phase == MAIN_PHASE and classifier:
+                model = classifier()
+                if model is not None:
+                    metrics.update(hooks.validate(model), epochs_done=epoch + 1)
             if hooks.on_epoch_end is not None:
                 state = {"model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),

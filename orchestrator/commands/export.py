@@ -31,6 +31,7 @@ from open_clip.transformer import QuickGELU
 from orchestrator.assets.loaded import Assets, PointModel, load_assets, load_fitted, point_model
 from orchestrator.commands.sweeps import SweepNotFound, find_journal, journal_spec
 from orchestrator.plan import Plan
+from orchestrator.records.journal import OK, STOPPED
 from orchestrator.records.publish import chosen_single_model
 from orchestrator.records.row import ALONE, Row
 from orchestrator.records.table import Table
@@ -124,7 +125,11 @@ def export_sweep(sweep: str, storage_path: str | None, out: Path, trial: str | N
     trained = plan.trial(trial).trained
     if record is None and trained:
         raise ExportError(f"trial {trial} of sweep {journal.sweep_id} has not finished")
-    if trained and (record.get("status", "ok") != "ok" or not record.get("model")):
+    if trained and record.get("status") == STOPPED:
+        raise ExportError(f"trial {trial} of sweep {journal.sweep_id} was stopped early by the "
+                          f"search after {record['stopped'].get('epochs_done')} epoch(s): it "
+                          "has no model")
+    if trained and (record.get("status", OK) != OK or not record.get("model")):
         raise ExportError(f"trial {trial} of sweep {journal.sweep_id} failed: it has no model "
                           f"({record.get('error') or record.get('status')})")
     device = torch.device("cpu")

@@ -11,7 +11,7 @@ import re
 import socket
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -34,6 +34,7 @@ class FoundSweep:
     status: str
     table: Table
     note: str | None = None
+    stopped: list[str] = field(default_factory=list)   # trials the search stopped early
 
 
 SUMMARY_COLUMNS = (("id_acc", "ID acc"), ("ood_acc", "OOD acc"), ("id_ece", "ID ECE"),
@@ -153,7 +154,24 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
     if older:
         note = (f"{older} point(s) were recorded by orch 0.1 and are not shown"
                 + (f"; {note}" if note else ""))
-    return FoundSweep(found_id, names[parent.info.experiment_id], status, Table.of(rows), note)
+    return FoundSweep(found_id, names[parent.info.experiment_id], status, Table.of(rows), note,
+                      _stopped(client, parent.info.experiment_id, found_id))
+
+
+def _stopped(client: MlflowClient, experiment_id: str, sweep_id: str) -> list[str]:
+    """One line per training trial the sweep's search stopped early: when, and the ID
+    validation accuracy it had reached."""
+    runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
+                              f"tags.`{KIND_TAG}` = 'train' and "
+                              "tags.`orch.trial_status` = 'stopped'", max_results=50_000)
+    lines = []
+    for run in sorted(runs, key=lambda r: r.info.run_name or ""):
+        m = run.data.metrics
+        epochs = f"after {m['stopped_epochs_done']:g} epoch(s)" \
+            if "stopped_epochs_done" in m else "early"
+        acc = f", ID val acc {100 * m['stopped_val_acc']:.1f}" if "stopped_val_acc" in m else ""
+        lines.append(f"{run.info.run_name} stopped {epochs}{acc}")
+    return lines
 
 
 def _status(client: MlflowClient, parent) -> tuple[str, str | None]:

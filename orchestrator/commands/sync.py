@@ -13,7 +13,7 @@ from typing import Callable
 
 from orchestrator.commands.sweeps import find_journal, journal_spec
 from orchestrator.plan import Plan
-from orchestrator.records.journal import FINISHED, RUNNING
+from orchestrator.records.journal import FINISHED, OK, RUNNING
 from orchestrator.records.mlflow import SweepRecords, TrackingError
 from orchestrator.records.publish import publish, record_journal, spec_params
 from orchestrator.records.table import Table
@@ -44,9 +44,9 @@ def sync_sweep(sweep: str, storage_path: str | None, tracking_uri: str | None,
                    tracking_uri=uri)
     record_journal(records, plan, journal)
     done = journal.points()
-    if status == FINISHED and all(job.key in done for job in plan.jobs()):
+    if status == FINISHED and all(job.key in done for job in plan.jobs(skip=journal.stopped())):
         models = {name: record["model"] for name, record in journal.trials().items()
-                  if record.get("status") == "ok"}
+                  if record.get("status") == OK}
         publish(records, plan, Table.of(plan.finished_rows(done)), models)
     records.finish(STATUS.get(status, "FAILED"), meta.get("error"))
     if records.failed:

@@ -26,6 +26,9 @@ from orchestrator.storage import (join, list_dirs, list_json, read_json, read_te
                                   write_json, write_text)
 
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+# A trial's record: fitted (its model is in "model"), failed, or stopped early by the
+# sweep's search (ASHA), which leaves no model: no ensemble or soup uses it.
+OK, STOPPED = "ok", "stopped"
 
 
 def alive(pid: int) -> bool:
@@ -91,6 +94,10 @@ class Journal:
 
     def trials(self) -> dict[str, dict]:
         return {record["trial"]: record for record in self._records("trials")}
+
+    def stopped(self) -> set[str]:
+        """The trials the sweep's search stopped early."""
+        return {name for name, record in self.trials().items() if record["status"] == STOPPED}
 
     def save_checkpoint(self, name: str, path: str) -> None:
         """The latest epoch checkpoint of an unfinished trial (where a resume continues)."""

@@ -237,12 +237,11 @@ class SweepRecords:
 
     def child(self, key: str, name: str, kind: str, params: Mapping[str, Any],
               metrics: Mapping[str, float] | None = None,
-              history: list[Mapping[str, float]] | None = None, failed: bool = False,
+              history: list[Mapping[str, float]] | None = None, status: str = "FINISHED",
               tags: Mapping[str, str] | None = None) -> str | None:
-        """A finished child run; `history` rows are logged with step = their `epoch`.
-        Returns its run id (None while MLflow is failing)."""
+        """An ended child run (`status` FINISHED, FAILED or KILLED); `history` rows are
+        logged with step = their `epoch`. Returns its run id (None while MLflow is failing)."""
         def write() -> str:
-            status = "FAILED" if failed else "FINISHED"
             found = self.existing().get(key)
             if found and found[1] == status:
                 return found[0]                    # recorded before (a resumed sweep)

@@ -13,7 +13,7 @@ import torch
 
 from orchestrator.assets.loaded import load_assets, load_fitted, point_model
 from orchestrator.plan import Plan, Trial
-from orchestrator.records.journal import Journal
+from orchestrator.records.journal import OK, STOPPED, Journal
 from orchestrator.records.mlflow import SweepRecords
 from orchestrator.records.plots import (plot_calibration, plot_pareto, plot_reliability,
                                        plot_robustness, zero_shot_point)
@@ -46,14 +46,23 @@ def trial_params(trial: Trial) -> dict[str, Any]:
             "trial": trial.name, **dataclasses.asdict(trial.options)}
 
 
+# A trial's MLflow run: a trial stopped early by the search is KILLED (it ended before
+# its last epoch, by decision), with its tag orch.trial_status "stopped".
+TRIAL_RUN_STATUS = {OK: "FINISHED", STOPPED: "KILLED", "failed": "FAILED"}
+
+
 def record_trial(records: SweepRecords, plan: Plan, record: dict) -> None:
     """A finished (or failed) training trial's child run, with its loss curve."""
     trial = plan.trial(record["trial"])
+    stopped = record.get("stopped") or {}
     records.child(f"train/{trial.name}", trial.name, "train", trial_params(trial),
                   metrics={"restarts": float(record.get("restarts", 0)),
-                           **({"seconds": record["seconds"]} if "seconds" in record else {})},
-                  history=record["history"], failed=record["status"] != "ok",
-                  tags={"orch.restarts": str(record.get("restarts", 0))})
+                           **({"seconds": record["seconds"]} if "seconds" in record else {}),
+                           **{f"stopped_{k}": float(v) for k, v in stopped.items()
+                              if v is not None}},
+                  history=record["history"], status=TRIAL_RUN_STATUS[record["status"]],
+                  tags={"orch.restarts": str(record.get("restarts", 0)),
+                        "orch.trial_status": record["status"]})
 
 
 def record_points(records: SweepRecords, plan: Plan, rows: list[Row]) -> None:

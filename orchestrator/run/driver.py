@@ -33,11 +33,12 @@ from typing import Any, Callable, Sequence
 
 from ray import tune
 from ray.tune.error import TuneError
+from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.assets.benchmarks import load_benchmark, prepare
 from orchestrator.assets.models import load_model
 from orchestrator.plan import Job, Plan, Trial
-from orchestrator.records.journal import FAILED, FINISHED, INTERRUPTED, Journal
+from orchestrator.records.journal import FAILED, FINISHED, INTERRUPTED, OK, STOPPED, Journal
 from orchestrator.records.mlflow import SweepRecords
 from orchestrator.records.publish import (publish, record_journal, record_points, record_trial,
                                           spec_params)
@@ -50,7 +51,7 @@ from orchestrator.run.errors import cause_line
 from orchestrator.run.features import FeatureCache, trial_ref, zero_shot_ref
 from orchestrator.run.jobs import ensemble_trial
 from orchestrator.run.live import LiveView
-from orchestrator.run.trials import MODEL_FILE, train_trial
+from orchestrator.run.trials import EPOCHS_DONE, HISTORY_FILE, MODEL_FILE, VAL_ACC, train_trial
 from orchestrator.spec.types import SweepSpec
 from orchestrator.storage import StorageError, check_writable, join
 from trainers.data.benchmark import ID_TRAIN
@@ -139,19 +140,26 @@ class Sweep:
         stopped by Ctrl-C (not a result)."""
         name = self.plan.trial_for(trial.config["trial"]).name
         result = trial.last_result or {}
-        history = json.loads(result.get("history", "[]"))
         # "fitted" is orch's mark of a completed fit (Tune sets "done" on stopped trials too)
         done = error is None and result.get("fitted") is True and trial.checkpoint is not None
-        if error is None and not done:
+        stopped = error is None and not done and not self.interrupted
+        if error is None and not done and not stopped:
             return None     # stopped by Ctrl-C before it finished: not a result
-        record = {"trial": name, "status": "ok" if done else "failed", "error": error,
-                  "history": history, "restarts": trial.num_failures,
+        # A fit's last report carries its whole loss curve; a trial the search stopped
+        # ends on an epoch's report, its curve the epochs it ran (Tune keeps them).
+        history = (json.loads(result.get("history", "[]")) if not stopped
+                   else _epochs_run(trial))
+        record = {"trial": name, "status": OK if done else STOPPED if stopped else "failed",
+                  "error": error, "history": history, "restarts": trial.num_failures,
                   # the trial's own time (Tune's time_total_s, restarts included)
                   "seconds": float(result.get("time_total_s", 0.0)), "ended": time.time(),
                   "model": join(trial.checkpoint.path, MODEL_FILE) if done else None}
+        if stopped:         # when ASHA stopped it, and what it had reached
+            record["stopped"] = {EPOCHS_DONE: result.get(EPOCHS_DONE),
+                                 VAL_ACC: result.get(VAL_ACC)}
         self.journal.save_trial(name, record)
         record_trial(self.records, self.plan, record)
-        return done
+        return done or stopped
 
     def _job_finished(self, trial: Any, error: str | None) -> bool | None:
         job = Job.from_config(trial.config["job"])
@@ -169,6 +177,34 @@ class Sweep:
         return True
 
 
+def _epochs_run(trial: Any) -> list[dict]:
+    """The loss curve of a trial stopped between epochs: the history its last epoch's
+    checkpoint holds (the checkpoint may live in a bucket: read through Ray's copy)."""
+    if trial.checkpoint is None:
+        return []
+    with trial.checkpoint.as_directory() as folder:
+        path = Path(folder) / HISTORY_FILE
+        return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _scheduler(spec: SweepSpec, stage: str):
+    """ASHA over the training stage when the sweep's `search` asks for it. Time is a
+    trial's main-phase epochs (`epochs_done`); a report without `val_acc` (a method
+    with no per-epoch classifier, an entry outside `search.methods`, a fit's final
+    report) is passed over by ASHA, so Tune's check that every report carries the
+    metric is off for this stage. Trials reaching their last epoch are never stopped
+    there: their fit still has to write its model."""
+    search = spec.search
+    if stage != TRAIN or search.scheduler is None:
+        return None
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    epochs = [getattr(t.options, "epochs", 1) for t in Plan(spec).trained]
+    return ASHAScheduler(time_attr=EPOCHS_DONE, metric=VAL_ACC, mode="max",
+                         max_t=max(epochs + [search.grace_period]),
+                         grace_period=search.grace_period,
+                         reduction_factor=search.reduction_factor, stop_last_trials=False)
+
+
 def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
     """One stage's Tune experiment over what is left to do. Each run of a sweep gets its
     own experiment (`train-<run>`): a resumed sweep hands unfinished trials their last
@@ -184,7 +220,7 @@ def _tune(trainable, param_space: dict, sweep: Sweep, stage: str, todo: int):
         # reuse_actors: one worker process runs many trials (imports and caches stay warm)
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrent_trials(r, data_parallel, Have.now()),
-            reuse_actors=not data_parallel),
+            reuse_actors=not data_parallel, scheduler=_scheduler(spec, stage)),
         run_config=tune.RunConfig(
             name=f"{stage}-{sweep.journal.meta().get('runs', 1)}",
             storage_path=sweep.journal.tune_storage, verbose=1 if sweep.verbose else 0,
@@ -345,9 +381,11 @@ def _features_after_training(plan: Plan, checkpoints: dict[str, str], cache: Fea
                              bench) -> dict[tuple[str, str], str]:
     jobs = [_zero_shot_job(plan, bench)]
     for trial in plan.trained:
+        if trial.name not in checkpoints:
+            continue            # stopped early by the search: no model
         sets = list(bench.eval_sets()) + ([ID_TRAIN] if plan.needs_train_outputs(trial) else [])
         jobs.append((trial_ref(trial.name, checkpoints[trial.name]), sets))
-    return cache.ensure(jobs, f"zero-shot and {len(plan.trained)} fitted model(s)")
+    return cache.ensure(jobs, f"zero-shot and {len(jobs) - 1} fitted model(s)")
 
 
 def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict,
@@ -358,11 +396,11 @@ def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict,
     if not trials:
         return {}
     plan, journal = sweep.plan, sweep.journal
-    done = {n: r for n, r in journal.trials().items() if r["status"] == "ok"}
-    todo = [t for t in trials if t.name not in done]
+    settled = {n: r for n, r in journal.trials().items() if r["status"] in (OK, STOPPED)}
+    todo = [t for t in trials if t.name not in settled]
     if todo:
         sweep.echo(f"[{stage}] {len(todo)} trial(s) on Ray Tune"
-                   + (f" ({len(done)} finished before)" if done else "") + " ...")
+                   + (f" ({len(settled)} finished before)" if settled else "") + " ...")
         # The named hyper-parameters themselves are the search space (`trial/lr`,
         # `trial/seed`), so a Tune searcher or scheduler sees them; each trial rebuilds
         # its options from them. A resumed sweep lists just the unfinished trials.
@@ -383,16 +421,20 @@ def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict,
                     for r in results if r.error is not None and r.config]
         if failures:  # every trial is recorded first, then the first failure is reported
             raise failures[0]
-        done = {n: r for n, r in journal.trials().items() if r["status"] == "ok"}
-        if any(t.name not in done for t in trials):
+        settled = {n: r for n, r in journal.trials().items() if r["status"] in (OK, STOPPED)}
+        if any(t.name not in settled for t in trials):
             raise SweepInterrupted("training stopped before every trial finished")
-    return {t.name: done[t.name]["model"] for t in trials}
+    stopped = [t.name for t in trials if settled[t.name]["status"] == STOPPED]
+    if stopped:
+        sweep.echo(f"[{stage}] stopped early by the search: {', '.join(stopped)} "
+                   "(no model: ensembles and soups leave them out)")
+    return {t.name: settled[t.name]["model"] for t in trials if t.name not in stopped}
 
 
 def _ensemble_stage(sweep: Sweep, models: dict[str, str], feature_paths: dict) -> list[Row]:
     """Every ensemble job (`Plan.jobs`), each recorded as it ends."""
     plan, journal = sweep.plan, sweep.journal
-    jobs = plan.jobs()
+    jobs = plan.jobs(skip=journal.stopped())
     done = journal.points()
     todo = [job for job in jobs if job.key not in done]
     if todo:

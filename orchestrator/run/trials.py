@@ -28,12 +28,15 @@ from orchestrator.run.cluster import worker_request
 from orchestrator.run.features import ZERO_SHOT, read_entry
 from orchestrator.spec.types import ResourcesSpec, SweepSpec
 from trainers.data.benchmark import ID_TRAIN, ArrayImageDataset
+from trainers.evaluate import predict
 from trainers.methods import FitContext, get_method
 from trainers.train_loop import MAIN_PHASE, Hooks
 
 STATE_FILE = "train_state.pt"        # per-epoch resumable state (model, optimizer, ...)
 HISTORY_FILE = "history.json"        # the trial's loss curve so far
 MODEL_FILE = "model.pt"              # the fitted model (classifier, fine-tuned text tower)
+VAL_ACC = "val_acc"                  # per-epoch ID validation accuracy (early stopping)
+EPOCHS_DONE = "epochs_done"          # main-phase epochs done: early stopping's clock
 
 
 def setup(spec: SweepSpec) -> torch.device:
@@ -84,6 +87,10 @@ def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.devic
 
     def on_epoch_end(epoch: int, metrics: dict, state: dict) -> None:
         history.append(_history_row(history, state["phase"], metrics))
+        if EPOCHS_DONE in metrics and metrics[EPOCHS_DONE] == trial.options.epochs:
+            # the last epoch: early stopping must not stop a fit that only has its model
+            # left to write (ASHA passes over a report without its clock)
+            metrics = {k: v for k, v in metrics.items() if k != EPOCHS_DONE}
         with tempfile.TemporaryDirectory() as folder:
             if is_first:
                 torch.save(state, Path(folder) / STATE_FILE)
@@ -100,13 +107,15 @@ def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.devic
     if workers:   # the trial computes on the cores its loader processes leave
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial) - workers))
     hooks = Hooks(on_epoch_end=on_epoch_end, resume_state=resume_state, progress=False,
-                  num_workers=workers)
+                  num_workers=workers, validate=_validation(spec, trial, assets, device))
     member_models = None
     if trial.merges:              # soups, Model Stock: the member trials' fitted models
         plan = Plan(spec)
 
         def member_models():
-            return [load_fitted(assets, members[m.name], device) for m in plan.members(trial)]
+            # members the sweep's search stopped early have no model: left out
+            return [load_fitted(assets, members[m.name], device) for m in plan.members(trial)
+                    if m.name in members]
     ctx = FitContext(assets.bench.train, device, trial.seed, hooks, train_features=train_features,
                      train_eval_set=assets.bench.train_eval, members=member_models,
                      val_set=assets.bench.val.dataset)
@@ -117,6 +126,20 @@ def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.devic
         # The whole loss curve rides on the last report, so the driver can log it to
         # MLflow from the final result alone.
         report({"fitted": True, "history": json.dumps(history)}, Path(folder) if is_first else None)
+
+
+def _validation(spec: SweepSpec, trial: Trial, assets, device: torch.device):
+    """The per-epoch measure early stopping reads: ID validation accuracy (top-1, in the
+    ID classes), for the trials the sweep's `search` may stop; None for the others."""
+    if not spec.search.searches(trial.label):
+        return None
+    val = assets.bench.val.dataset
+
+    def validate(classifier: torch.nn.Module) -> dict[str, float]:
+        logits, labels = predict(classifier, val, device, spec.eval.batch_size,
+                                 spec.eval.num_workers, spec.eval.precision)
+        return {VAL_ACC: float((logits.argmax(1) == labels).float().mean())}
+    return validate
 
 
 def train_trial(config: dict, spec: SweepSpec, feature_paths: dict[tuple[str, str], str],

@@ -9,7 +9,8 @@ import typing
 from typing import Any, Union, get_args, get_origin
 
 from orchestrator.spec.types import (BenchmarkSpec, EvalSpec, FeaturesSpec, ModelSpec,
-                                     ReportSpec, ResourcesSpec, ShiftSpec)
+                                     ReportSpec, ResourcesSpec, SearchSpec,
+                                     ShiftSpec)
 from trainers.data.suites import SUITES
 from trainers.ensembles import REGISTRY as ENSEMBLES
 from trainers.methods import REGISTRY as METHODS
@@ -150,6 +151,7 @@ def sweep_schema() -> dict:
             "eval": dataclass_schema(EvalSpec),
             "features": dataclass_schema(FeaturesSpec),
             "report": dataclass_schema(ReportSpec),
+            "search": dataclass_schema(SearchSpec),
             "storage_path": {"type": "string", "default": "runs",
                              "description": "local folder or s3:// / gs:// URI; $VARS expand"},
         },

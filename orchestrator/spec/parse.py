@@ -18,7 +18,7 @@ from orchestrator.spec.plugins import import_plugins
 from orchestrator.spec.schema import SpecError, coerce, field_types, parse_dataclass
 from orchestrator.spec.types import (BenchmarkSpec, EnsembleEntry, EvalSpec, FeaturesSpec,
                                      MethodEntry, ModelSpec, ReportSpec, ResourcesSpec,
-                                     SweepSpec)
+                                     SearchSpec, SweepSpec)
 from orchestrator.storage import check_uri, is_uri
 from trainers.data.suites import SUITES
 from trainers.ensembles import REGISTRY as ENSEMBLES
@@ -28,7 +28,8 @@ from trainers.methods import get_method
 from trainers.models import RANDOM_INIT, names_a_file
 
 TOP_KEYS = ("name", "experiment", "plugins", "benchmark", "model", "method", "grid", "methods",
-            "ensemble", "ensembles", "resources", "eval", "features", "storage_path", "report")
+            "ensemble", "ensembles", "resources", "eval", "features", "storage_path", "report",
+            "search")
 
 
 def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
@@ -54,6 +55,7 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
     eval_spec = parse_dataclass(EvalSpec, raw.get("eval"), "eval")
     features = parse_dataclass(FeaturesSpec, raw.get("features"), "features")
     report = parse_dataclass(ReportSpec, raw.get("report"), "report")
+    search = _parse_search(raw.get("search"), methods)
     _check_batches_split(methods, resources)
     model = _absolute_paths(model, ("pretrained", "config"))
     benchmark = _absolute_paths(benchmark, ("root", "train", "val", "test"))
@@ -81,7 +83,20 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
                      name=name, benchmark=benchmark, model=model, methods=methods,
                      ensembles=ensembles, resources=resources, eval=eval_spec, features=features,
                      storage_path=storage, experiment=experiment, plugins=plugins,
-                     report=report, source_file=source_file)
+                     report=report, search=search, source_file=source_file)
+
+
+def _parse_search(data: Any, methods: tuple[MethodEntry, ...]) -> SearchSpec:
+    """`search:`, whose `methods` name entries that train (by label)."""
+    search = parse_dataclass(SearchSpec, data, "search")
+    trains = [e.label for e in methods
+              if get_method(e.method_name).trained and not get_method(e.method_name).merges]
+    for i, label in enumerate(search.methods or []):
+        if label not in trains:
+            raise SpecError(f"search.methods[{i}]", f"{label!r} is not a trained method entry "
+                            f"of this sweep (its label); trained entries: "
+                            f"{', '.join(trains) or 'none'}")
+    return search
 
 
 def _shift_shorthands(data: Any) -> Any:

@@ -285,6 +285,40 @@ class ReportSpec:
     robustness_line: RobustnessLine | None = None
 
 
+SCHEDULERS = ("asha",)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Early stopping of training trials with Ray Tune's ASHA (asynchronous successive
+    halving, Li et al., MLSys 2020, https://arxiv.org/abs/1810.05934). Each trial of the
+    searched entries measures its ID validation accuracy after every epoch of its main
+    phase; at epochs grace_period * reduction_factor^k a trial below the best
+    1/reduction_factor of those that reached that epoch before it stops. A stopped trial is
+    recorded as stopped (its epoch and last metrics) and no ensemble or soup uses it.
+    Selection reads ID validation only, never a test set."""
+
+    scheduler: str | None = None          # "asha"; unset: every trial runs all its epochs
+    grace_period: int = 1                 # epochs every trial runs before it may stop
+    reduction_factor: float = 3.0         # each rung keeps the best 1/reduction_factor
+    # the method entries (labels) it may stop; unset: every entry that trains (entries
+    # not listed neither validate per epoch nor stop, e.g. seeds meant for a soup)
+    methods: list[str] | None = None
+
+    def __post_init__(self):
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)} or unset, "
+                             f"got {self.scheduler!r}")
+        if self.grace_period < 1:
+            raise ValueError(f"grace_period must be >= 1, got {self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+
+    def searches(self, label: str) -> bool:
+        """Whether the trials of method entry `label` validate each epoch and may stop."""
+        return self.scheduler is not None and (self.methods is None or label in self.methods)
+
+
 @dataclass(frozen=True)
 class MethodEntry:
     """A method of the sweep with its options and grid. `label` names it in tables and
@@ -338,6 +372,7 @@ class SweepSpec:
     experiment: str
     plugins: tuple[str, ...] = ()   # modules and files imported for their methods/ensembles
     report: ReportSpec = field(default_factory=ReportSpec)   # plot settings
+    search: SearchSpec = field(default_factory=SearchSpec)   # early stopping (ASHA)
     source_file: Path | None = None
     text: str = ""             # the effective sweep file (with command-line overrides applied)
 

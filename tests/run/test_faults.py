@@ -322,9 +322,9 @@ def test_a_retried_trial_is_one_run_with_its_params_and_each_epoch_once(tmp_path
     records = SweepRecords(uri, "retry", "retry-1", print).open()
     records.start_parent({}, "", None, tags={})
     first = [{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5}]
-    records.child("train/t", "t", "train", {"lr": 0.1}, history=first, failed=True)
+    records.child("train/t", "t", "train", {"lr": 0.1}, history=first, status="FAILED")
     records.child("train/t", "t", "train", {"lr": 0.1},
-                  history=first + [{"epoch": 2, "loss": 0.2}], failed=False)
+                  history=first + [{"epoch": 2, "loss": 0.2}], status="FINISHED")
     client = MlflowClient(uri)
     (run,) = client.search_runs([records.experiment_id], "tags.`orch.kind` = 'train'")
     assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}

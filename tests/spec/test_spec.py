@@ -219,6 +219,14 @@ def _multi(**changes):
      "must be code or paper"),
     (_multi(ensembles=[{"name": "ose"}, {"name": "ose"}]), "ensembles[1].name", "listed twice"),
     (_multi(ensembles=[{"name": "soup"}]), "ensembles[0].name", "unknown ensemble"),
+    (_multi(search={"scheduler": "hyperband"}), "search.scheduler", "must be one of asha"),
+    (_multi(search={"scheduler": "asha", "grace_period": 0}), "search.grace_period",
+     "must be >= 1"),
+    (_multi(search={"scheduler": "asha", "reduction_factor": 1}), "search.reduction_factor",
+     "must be > 1"),
+    (_multi(search={"scheduler": "asha", "methods": ["zeroshot"]}), "search.methods[0]",
+     "not a trained method entry"),
+    (_multi(search={"scheduler": "asha", "metric": "val_acc"}), "search.metric", "unknown key"),
 ])
 def test_bad_multi_method_files_name_the_field(tmp_path, data, field, words):
     result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
@@ -305,3 +313,12 @@ def test_bad_overrides_are_one_line_naming_the_field(tmp_path, override, field, 
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert words in line and (not field or f"{field}:" in line), line
+
+
+def test_search_stops_only_the_entries_it_names(tmp_path):
+    spec = load_spec(write(tmp_path, _multi(search={"scheduler": "asha", "methods": ["ft_ls"]})))
+    assert [e.label for e in spec.methods if spec.search.searches(e.label)] == ["ft_ls"]
+    every = load_spec(write(tmp_path, _multi(search={"scheduler": "asha"})))
+    assert all(every.search.searches(e.label) for e in every.methods)
+    assert not any(load_spec(write(tmp_path, _multi())).search.searches(e.label)
+                   for e in spec.methods)

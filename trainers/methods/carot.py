@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +137,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 class CaRotTask(FLYPTask):
     def __init__(self, clip_model: nn.Module, tokens: torch.Tensor, options: CaRotOptions,
-                 seed: int):
-        super().__init__(clip_model, tokens, options, seed)
+                 seed: int, head: Callable[[nn.Module], nn.Linear] | None = None):
+        super().__init__(clip_model, tokens, options, seed, head)
         self.teacher = copy.deepcopy(clip_model).eval().requires_grad_(False)
         # The teacher runs without gradients: activation checkpointing there would only
         # cost time (fit_contrastive switches it on for the student after this copy).

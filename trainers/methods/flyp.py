@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -69,8 +70,9 @@ class FLYPTask:
     """The whole CLIP, trained on (image, one random filled template) pairs."""
 
     def __init__(self, clip_model: nn.Module, tokens: torch.Tensor, options: FLYPOptions,
-                 seed: int):
+                 seed: int, head: Callable[[nn.Module], nn.Linear] | None = None):
         self.model, self.tokens, self.options = clip_model, tokens, options
+        self.head = head      # the zero-shot head of a CLIP, for `classifier()`
         # Template draws depend only on the seed and the step, so a resumed run repeats them.
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -101,6 +103,13 @@ class FLYPTask:
         return contrastive_loss(gather_with_grad(image_f), gather_with_grad(text_f),
                                 self.model.logit_scale.exp())
 
+    def classifier(self) -> ImageClassifier | None:
+        """The model as evaluation sees it now: the image tower and the head rebuilt from
+        the text tower (None without a head builder)."""
+        if self.head is None:
+            return None
+        return ImageClassifier(self.model.visual, self.head(self.model))
+
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}
 
@@ -123,7 +132,9 @@ def fit_contrastive(start: StartPoint, options: FLYPOptions, ctx: FitContext,
     torch.manual_seed(ctx.seed)
     model = copy.deepcopy(start.clip.model).to(ctx.device)
     model.visual.to(memory_format=torch.channels_last)
-    task = (task_class or FLYPTask)(model, prompt_tokens(start, ctx.device), options, ctx.seed)
+    task = (task_class or FLYPTask)(
+        model, prompt_tokens(start, ctx.device), options, ctx.seed,
+        head=lambda m: rebuild_head(start.clip, m, start.classnames, start.templates, ctx.device))
     # Switched on after the task is built: CaRot's EMA teacher, a copy made there, runs
     # without gradients and must not checkpoint (nothing to save memory for).
     with grad_checkpointing(model, options.grad_checkpointing):

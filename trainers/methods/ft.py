@@ -43,6 +43,9 @@ class FTTask:
     def train_mode(self) -> None:
         train_mode(self.model, self.options.freeze_bn_stats)
 
+    def classifier(self) -> ImageClassifier:
+        return self.model
+
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)  # (B, C)
         return F.cross_entropy(logits.float(), labels,
