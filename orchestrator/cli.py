@@ -367,6 +367,8 @@ def report(ctx: click.Context, sweep_id: str | None, tracking_uri: str | None,
         click.echo("stopped early by the search (no model; not in the table):")
         for line in found.stopped:
             click.echo(f"  {line}")
+    for line in found.notes:
+        click.echo(f"note: {line}")
 
 
 @main.command()

@@ -38,7 +38,8 @@ def to_json(found: FoundSweep) -> str:
               for g, i in found.table.chosen.items()]
     return json.dumps({"sweep_id": found.sweep_id, "experiment": found.experiment,
                        "status": found.status, "points": flat_rows(found.table),
-                       "chosen": chosen, "stopped": found.stopped}, indent=1)
+                       "chosen": chosen, "stopped": found.stopped,
+                       "notes": found.notes}, indent=1)
 
 
 def to_csv(table: Table) -> str:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.records.journal import alive
 from orchestrator.records.mlflow import KIND_TAG, SWEEP_TAG, TrackingError, first_line, sqlite_file
-from orchestrator.records.publish import POINT_PARAM
+from orchestrator.records.publish import NOTES_TAG, POINT_PARAM
 from orchestrator.records.row import ALONE, Row
 from orchestrator.records.table import Table
 
@@ -35,6 +35,7 @@ class FoundSweep:
     table: Table
     note: str | None = None
     stopped: list[str] = field(default_factory=list)   # trials the search stopped early
+    notes: list[str] = field(default_factory=list)     # what trials' methods said of them
 
 
 SUMMARY_COLUMNS = (("id_acc", "ID acc"), ("ood_acc", "OOD acc"), ("id_ece", "ID ECE"),
@@ -154,24 +155,25 @@ def load_sweep(tracking_uri: str, sweep_id: str | None = None) -> FoundSweep:
     if older:
         note = (f"{older} point(s) were recorded by orch 0.1 and are not shown"
                 + (f"; {note}" if note else ""))
+    trains = sorted(client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{found_id}' and tags.`{KIND_TAG}` = 'train'",
+        max_results=50_000), key=lambda r: r.info.run_name or "")
     return FoundSweep(found_id, names[parent.info.experiment_id], status, Table.of(rows), note,
-                      _stopped(client, parent.info.experiment_id, found_id))
+                      stopped=[_stopped(r) for r in trains
+                               if r.data.tags.get("orch.trial_status") == "stopped"],
+                      notes=[f"{r.info.run_name}: {r.data.tags[NOTES_TAG]}" for r in trains
+                             if NOTES_TAG in r.data.tags])
 
 
-def _stopped(client: MlflowClient, experiment_id: str, sweep_id: str) -> list[str]:
-    """One line per training trial the sweep's search stopped early: when, and the ID
-    validation accuracy it had reached."""
-    runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
-                              f"tags.`{KIND_TAG}` = 'train' and "
-                              "tags.`orch.trial_status` = 'stopped'", max_results=50_000)
-    lines = []
-    for run in sorted(runs, key=lambda r: r.info.run_name or ""):
-        m = run.data.metrics
-        epochs = f"after {m['stopped_epochs_done']:g} epoch(s)" \
-            if "stopped_epochs_done" in m else "early"
-        acc = f", ID val acc {100 * m['stopped_val_acc']:.1f}" if "stopped_val_acc" in m else ""
-        lines.append(f"{run.info.run_name} stopped {epochs}{acc}")
-    return lines
+def _stopped(run) -> str:
+    """A training trial the sweep's search stopped early: when, and the ID validation
+    accuracy it had reached."""
+    m = run.data.metrics
+    epochs = f"after {m['stopped_epochs_done']:g} epoch(s)" if "stopped_epochs_done" in m \
+        else "early"
+    acc = f", ID val acc {100 * m['stopped_val_acc']:.1f}" if "stopped_val_acc" in m else ""
+    return f"{run.info.run_name} stopped {epochs}{acc}"
 
 
 def _status(client: MlflowClient, parent) -> tuple[str, str | None]:

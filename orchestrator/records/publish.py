@@ -49,6 +49,7 @@ def trial_params(trial: Trial) -> dict[str, Any]:
 # A trial's MLflow run: a trial stopped early by the search is KILLED (it ended before
 # its last epoch, by decision), with its tag orch.trial_status "stopped".
 TRIAL_RUN_STATUS = {OK: "FINISHED", STOPPED: "KILLED", "failed": "FAILED"}
+NOTES_TAG = "orch.notes"      # what the trial's method says a user should know about it
 
 
 def record_trial(records: SweepRecords, plan: Plan, record: dict) -> None:
@@ -62,7 +63,8 @@ def record_trial(records: SweepRecords, plan: Plan, record: dict) -> None:
                               if v is not None}},
                   history=record["history"], status=TRIAL_RUN_STATUS[record["status"]],
                   tags={"orch.restarts": str(record.get("restarts", 0)),
-                        "orch.trial_status": record["status"]})
+                        "orch.trial_status": record["status"],
+                        **({NOTES_TAG: " ".join(record["notes"])} if record.get("notes") else {})})
 
 
 def record_points(records: SweepRecords, plan: Plan, rows: list[Row]) -> None:

@@ -157,6 +157,11 @@ class Sweep:
         if stopped:         # when ASHA stopped it, and what it had reached
             record["stopped"] = {EPOCHS_DONE: result.get(EPOCHS_DONE),
                                  VAL_ACC: result.get(VAL_ACC)}
+        notes = get_method(self.plan.trial(name).method_name).notes
+        if done and notes is not None:
+            record["notes"] = notes(history)
+            for note in record["notes"]:
+                self.echo(f"note: {name}: {note}")
         self.journal.save_trial(name, record)
         record_trial(self.records, self.plan, record)
         return done or stopped

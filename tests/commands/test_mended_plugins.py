@@ -2,7 +2,8 @@
 names: a throw-away method and a throw-away weight-space ensemble, each one file in a
 temporary folder named under `plugins:`, go through a whole sweep, `orch report` and
 `orch export` (the exported point predicts what the sweep measured), each command a
-separate process as a user runs them."""
+separate process as a user runs them. The sweep runs on an existing Ray cluster
+(RAY_ADDRESS), whose worker processes import the plug-in files too."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ import sys
 
 import pytest
 import yaml
+from click.testing import CliRunner
+from ray.cluster_utils import Cluster
 
 from conftest import image_task_spec
+from orchestrator.cli import main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
@@ -106,7 +110,8 @@ def orch(*args, env, cwd):
     return done.stdout
 
 
-def test_a_method_and_an_ensemble_from_one_file_each_run_export_and_report(image_task, tmp_path):
+def test_a_method_and_an_ensemble_from_one_file_each_run_export_and_report(image_task, ray_local,
+                                                                           tmp_path):
     plugins = tmp_path / "my_plugins"
     plugins.mkdir()
     (plugins / "scaled_head.py").write_text(METHOD)
@@ -116,13 +121,29 @@ def test_a_method_and_an_ensemble_from_one_file_each_run_export_and_report(image
         ensemble=None,
         methods=[{"name": "zeroshot"}, {"name": "scaled_head", "scale": 0.5}],
         ensembles=[{"name": "head_wise", "beta": [0.0, 0.5, 1.0]},
-                   {"name": "ose", "alpha": [0.5]}])
+                   {"name": "ose", "alpha": [0.5]}],
+        # more CPUs per trial than this machine has: only the 3-CPU cluster below fits
+        resources={"cpus_per_trial": 3})
+    # this process's Ray (the suite's, 2 CPUs) refuses, before anything waits (a file
+    # without the plug-ins: importing them here would register them in the whole suite)
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump({**spec, "methods": [{"name": "zeroshot"}],
+                                                         "ensembles": [{"name": "ose"}]}))
+    local = CliRunner().invoke(main, ["sweep", str(tmp_path / "local.yaml")], env={
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'local.db'}"})
+    assert local.exit_code == 1
+    assert "resources.cpus_per_trial=3 but the Ray cluster has 2 CPUs" in local.output
     # the files by relative path, from the sweep's folder: resolved once, on the driver
     spec["plugins"] = ["my_plugins/scaled_head.py", "my_plugins/head_wise.py"]
     (tmp_path / "plugins.yaml").write_text(yaml.safe_dump(spec))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
-    orch("sweep", "plugins.yaml", env=env, cwd=tmp_path)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    try:
+        out = orch("sweep", "plugins.yaml", env={**env, "RAY_ADDRESS": cluster.address},
+                   cwd=tmp_path)
+    finally:
+        cluster.shutdown()
+    assert "chosen point" in out
     report = json.loads(orch("report", "--json", env=env, cwd=tmp_path))
     points = {(p["trial"], p["ensemble"], p.get("beta")): p for p in report["points"]}
     assert set(points) >= {("scaled_head-00", "none", None),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,8 +43,8 @@ def orch(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
                             env={**os.environ, **(env or {})}, **kwargs)
 
 
-def run(*args: str, env: dict | None = None, timeout: int = 300) -> tuple[int, str]:
-    proc = orch(*args, env=env)
+def run(*args: str, env: dict | None = None, timeout: int = 300, **kwargs) -> tuple[int, str]:
+    proc = orch(*args, env=env, **kwargs)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -89,24 +90,28 @@ def error_lines(out: str) -> list[str]:
 
 @pytest.mark.e2e
 def test_a_bad_day_loses_nothing(image_task, tmp_path):
-    """One sweep of three trials through every interruption, each ending as it should:
-    Ctrl-C in training (exit 130, one line, parent KILLED, the stopped trial not recorded
-    as finished); SIGKILL of the resumed driver (the next `orch report` marks it KILLED,
-    no ghost); Ctrl-C in the next resume's evaluation (one line, no traceback); a last
-    resume that finishes. Finished trials are never trained again, MLflow ends with one
-    run per trial and per point, none RUNNING."""
+    """One sweep of three trials, started with overrides on the command line, through
+    every interruption, each ending as it should: Ctrl-C in training (exit 130, one line
+    whose resume command carries the overrides, parent KILLED, the stopped trial not
+    recorded as finished); SIGKILL of the resumed driver (the next `orch report` marks it
+    KILLED, no ghost); Ctrl-C in the next resume's evaluation (one line, no traceback); a
+    last resume, the first hint's command copied as printed, that finishes and clears the
+    parent's error. Finished trials are never trained again, MLflow ends with one run per
+    trial and per point, none RUNNING; then `orch sync SWEEP_ID` alone, run twice from
+    another folder, finds the sweep and appends nothing to any metric's history."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_sweep(image_task, tmp_path, "badday", method=SLOW,
-                       grid={"lr": [1e-4, 2e-4, 3e-4]},
+    path = write_sweep(image_task, tmp_path, "badday", method={**SLOW, "epochs": 60},
+                       grid={"lr": [1e-4]},
                        ensemble={"name": "wise_ft", "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]},
                        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    overrides = [f"method.epochs={SLOW['epochs']}", "grid.lr=[1.0e-4,2.0e-4,3.0e-4]"]
     env = {"MLFLOW_TRACKING_URI": uri}
 
     def kinds(runs, kind):
         return {r.info.run_name: r for r in runs if r.data.tags.get("orch.kind") == kind}
 
     # 1. Ctrl-C once the first trial finished and the second has a checkpoint
-    proc = orch("sweep", str(path), env=env)
+    proc = orch("sweep", str(path), *overrides, env=env)
     wait_for(lambda: journal_files(tmp_path, "trials") and journal_files(tmp_path, "checkpoints")
              and set(journal_files(tmp_path, "checkpoints")) - set(journal_files(tmp_path, "trials")),
              what="a finished trial and a checkpoint of the next")
@@ -115,6 +120,8 @@ def test_a_bad_day_loses_nothing(image_task, tmp_path):
     assert proc.returncode == 130, out
     (line,) = error_lines(out)
     assert "interrupted" in line and "--resume" in line and "Traceback" not in out
+    hint = shlex.split(line.split("`")[1])
+    assert hint[:3] == ["orch", "sweep", str(path)] and hint[3:5] == overrides, hint
     runs = assert_one_run_per_record_and_none_running(uri, "badday")
     assert [r.info.status for r in kinds(runs, "sweep").values()] == ["KILLED"]
     first = set(journal_files(tmp_path, "trials"))
@@ -124,9 +131,9 @@ def test_a_bad_day_loses_nothing(image_task, tmp_path):
 
     # 2. the same command names the unfinished sweep; resume it and kill it (SIGKILL of
     # the driver and the Ray it started) once one more trial reached MLflow
-    out = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"]).output
+    out = CliRunner().invoke(main, ["sweep", str(path), *overrides, "--dry-run"]).output
     assert "note: sweep badday-" in out and "did not finish" in out
-    proc = orch("sweep", str(path), "--resume", env=env, start_new_session=True)
+    proc = orch("sweep", str(path), *overrides, "--resume", env=env, start_new_session=True)
     wait_for(lambda: len(kinds([r for r in runs_of(uri, "badday") if r.info.status == "FINISHED"],
                                "train")) > len(first), what="another trial in MLflow")
     os.killpg(proc.pid, signal.SIGKILL)
@@ -137,7 +144,7 @@ def test_a_bad_day_loses_nothing(image_task, tmp_path):
     assert [r.info.status for r in kinds(runs_of(uri, "badday"), "sweep").values()] == ["KILLED"]
 
     # 3. resume again, Ctrl-C during evaluation
-    proc = orch("sweep", str(path), "--resume", env=env)
+    proc = orch("sweep", str(path), *overrides, "--resume", env=env)
     wait_for(lambda: journal_files(tmp_path, "points"), what="a finished ensemble job")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -145,16 +152,32 @@ def test_a_bad_day_loses_nothing(image_task, tmp_path):
     assert len(error_lines(out)) == 1 and "Traceback" not in out and "KeyError" not in out
     assert_one_run_per_record_and_none_running(uri, "badday")
 
-    # 4. the last resume finishes
-    code, out = run("sweep", str(path), "--resume", env=env)
+    # 4. the first hint's command, as printed, finishes the sweep and clears its error
+    code, out = run(*hint[1:], env=env)
     assert code == 0, out
     runs = assert_one_run_per_record_and_none_running(uri, "badday")
-    assert [r.info.status for r in kinds(runs, "sweep").values()] == ["FINISHED"]
+    (parent,) = kinds(runs, "sweep").values()
+    assert parent.info.status == "FINISHED" and "orch.error" not in parent.data.tags
     assert Counter(r.data.tags.get("orch.kind") for r in runs) == {"sweep": 1, "train": 3,
                                                                     "eval": 3 * 6}
     for name in journal_files(tmp_path, "trials"):        # each trained once, all epochs
         record = json.loads((journal(tmp_path) / "trials" / f"{name}.json").read_text())
         assert [row["epoch"] for row in record["history"]] == list(range(SLOW["epochs"]))
+
+    # 5. `orch sync SWEEP_ID` from elsewhere finds the sweep by its MLflow records; twice
+    # appends nothing
+    client = MlflowClient(uri)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    histories = []
+    for _ in range(2):
+        code, text = run("sync", parent.data.tags["orch.sweep_id"], env=env, cwd=elsewhere)
+        assert code == 0, text
+        runs = client.search_runs([parent.info.experiment_id], max_results=1000)
+        histories.append({(r.info.run_id, key): len(client.get_metric_history(r.info.run_id, key))
+                          for r in runs for key in r.data.metrics})
+    assert histories[1] == histories[0]
+    assert any(key == "selected_val_acc" for _, key in histories[0])
 
 
 def test_resume_names_the_sweeps_it_could_continue(image_task, tmp_path):

@@ -115,6 +115,10 @@ def test_a_greedy_soup_that_keeps_one_member_says_so(start, val_set, monkeypatch
     soup, rows = merge("soup", start, members, val_set, kind="greedy")
     assert same(soup.classifier.state_dict(), members[1].classifier.state_dict())
     assert rows[0]["soup_size"] == 1.0 and rows[0]["soup_val_acc"] == 0.9
+    # and the sweep says so (printed, and in `orch report`)
+    (note,) = get_method("soup").notes(rows)
+    assert "kept 1 of 3 members" in note and "best member alone" in note
+    assert get_method("soup").notes([{**rows[0], "soup_size": 2.0}]) == []
 
 
 def test_model_stock_of_identical_models_is_that_model(start):

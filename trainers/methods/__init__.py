@@ -106,6 +106,9 @@ class Method:
     # the entry's label) instead of training: its trials run after those (soups, Model
     # Stock); it changes whatever its members changed.
     merges: bool = False
+    # What a user should know about a finished trial, from its loss curve's rows (a
+    # greedy soup that kept one member): sentences the sweep prints and records.
+    notes: Callable[[list[dict]], list[str]] | None = None
 
     def __post_init__(self):
         unknown = set(self.trains) - set(PARTS)

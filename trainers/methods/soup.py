@@ -84,7 +84,16 @@ def fit(start: StartPoint, options: SoupOptions, ctx: FitContext) -> Fitted:
     return soup
 
 
+def notes(history: list[dict]) -> list[str]:
+    """A greedy soup that kept one of several members is that member: say so."""
+    last = history[-1] if history else {}
+    if last.get("soup_size") == 1 and last.get("soup_candidates", 1) > 1:
+        return [f"the greedy soup kept 1 of {int(last['soup_candidates'])} members (adding "
+                "any other lowered ID validation accuracy): it is the best member alone"]
+    return []
+
+
 # What it changes is what its members changed: every part, declared.
-register(Method(name="soup", options=SoupOptions, fit=fit, merges=True,
+register(Method(name="soup", options=SoupOptions, fit=fit, merges=True, notes=notes,
                 trains=frozenset({HEAD, IMAGE_TOWER, TEXT_TOWER}),
                 paper="https://arxiv.org/abs/2203.05482"))
