@@ -1,6 +1,7 @@
 """Every registered method: builds from its defaults, takes two steps with a finite loss,
 updates exactly the parts it declares and leaves its start point untouched. Plus FT's
-loss maths, the NaN guard, and resume (FT, and LP-FT in either phase)."""
+loss maths, the NaN guard, resume (FT, and LP-FT in either phase), and the per-epoch
+validation early stopping reads."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from trainers.data import ArrayImageDataset
+from trainers.evaluate import predict
 from trainers.methods import (HEAD, IMAGE_TOWER, PARTS, REGISTRY, TEXT_TOWER, FitContext,
-                              Fitted, StartPoint, get_method)
+                              Fitted, StartPoint, get_method, rebuild_head)
+from trainers.methods.flyp import FLYPOptions, FLYPTask, prompt_tokens
 from trainers.methods.ft import FTOptions, FTTask
 from trainers.models import TOY_ARCH, load_clip, zero_shot_classifier
 from trainers.train_loop import MAIN_PHASE, Hooks, NonFiniteLossError, OptimConfig, train
@@ -248,3 +251,68 @@ def test_resume_in_any_phase_gives_the_uninterrupted_result(name, stop_in, clip,
         assert phases == [MAIN_PHASE]      # only the rest of FT ran: no probe again
     for key, value in straight.items():
         assert torch.equal(value, resumed.classifier.state_dict()[key]), key
+
+# -- per-epoch validation, what early stopping (the sweep's `search: asha`) reads: after
+# each epoch of a method's main phase the loop measures the classifier being trained, as
+# evaluation would see it at that moment.
+
+def accuracy(model: torch.nn.Module, dataset) -> float:
+    logits, labels = predict(model, dataset, CPU, batch_size=8)
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def fit_with_validation(name: str, start, dataset, **options):
+    """Fit `name` (its two-step smoke options, over two epochs), recording every epoch's
+    metrics and, per validation, the logits of the classifier it was handed."""
+    method = get_method(name)
+    rows, seen = [], []
+
+    def validate(classifier):
+        logits, _ = predict(classifier, dataset, CPU, batch_size=8)
+        seen.append(logits)
+        return {"val_acc": accuracy(classifier, dataset)}
+
+    hooks = Hooks(progress=False, validate=validate,
+                  on_epoch_end=lambda epoch, metrics, state: rows.append(dict(metrics)))
+    opts = method.options(**{**method.smoke, **options})
+    fitted = method.fit(start, opts, FitContext(dataset, CPU, 0, hooks,
+                                                train_eval_set=dataset, val_set=dataset))
+    return fitted, rows, seen
+
+
+@pytest.mark.parametrize("name", ["ft", "flyp", "carot"])
+def test_every_epoch_is_validated_on_the_model_as_it_then_is(name, clip, dataset):
+    fitted, rows, seen = fit_with_validation(name, start_point(clip), dataset, epochs=2)
+    assert [r["epochs_done"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["val_acc"] <= 1.0 for r in rows)
+    # the last validation saw the fitted model itself (FLYP/CaRot: its head rebuilt
+    # from the fine-tuned text tower, exactly as evaluation rebuilds it)
+    final, _ = predict(fitted.classifier, dataset, CPU, batch_size=8)
+    torch.testing.assert_close(seen[-1], final, rtol=1e-5, atol=1e-5)
+    assert rows[-1]["val_acc"] == accuracy(fitted.classifier, dataset)
+    # and the first one a model that training then moved on from
+    assert not torch.allclose(seen[0], seen[1])
+
+
+def test_only_the_main_phase_is_validated(clip, dataset):
+    """LP-FT's probe is a phase of its own: ASHA's clock counts FT epochs only."""
+    _, rows, seen = fit_with_validation("lp_ft", start_point(clip), dataset, epochs=2, lp_epochs=3)
+    assert len(rows) == 5 and len(seen) == 2
+    assert [r.get("epochs_done") for r in rows] == [None, None, None, 1, 2]
+
+
+def test_a_task_without_a_classifier_is_not_validated(clip, dataset):
+    """LP trains a head on cached features: nothing to measure per epoch, nothing stops it."""
+    _, rows, seen = fit_with_validation("lp", start_point(clip), dataset, epochs=2)
+    assert len(rows) == 2 and not seen and all("val_acc" not in r for r in rows)
+
+
+def test_flyp_classifier_before_training_is_the_zero_shot_model(clip, dataset):
+    start = start_point(clip)
+    model = copy.deepcopy(clip.model).eval()
+    task = FLYPTask(model, prompt_tokens(start, CPU), FLYPOptions(), seed=0,
+                    head=lambda m: rebuild_head(clip, m, CLASSES, TEMPLATES, CPU))
+    ours, _ = predict(task.classifier(), dataset, CPU, batch_size=8)
+    zero_shot, _ = predict(start.zero_shot, dataset, CPU, batch_size=8)
+    torch.testing.assert_close(ours, zero_shot, rtol=1e-5, atol=1e-4)
+    assert FLYPTask(model, prompt_tokens(start, CPU), FLYPOptions(), seed=0).classifier() is None
