@@ -135,6 +135,10 @@ def sweep(ctx: click.Context, sweep_file: str, overrides: tuple[str, ...], dry_r
             click.echo(line, err=True)
         if bench is not None:
             check_images(bench)
+            if not spec.benchmark.shifts:    # refused now, not after hours of training
+                raise SpecError("benchmark.shifts", "required: name at least one distribution "
+                                "shift (OOD accuracy, every table's second axis, is the mean "
+                                "over them)")
     except SpecError as err:
         raise UserError(f"{sweep_file}: {err}") from None
     except StorageError as err:

@@ -123,6 +123,16 @@ def test_val_fraction_that_leaves_a_class_without_validation_images(tmp_path):
     assert str(tmp_path / "data" / "train" / "dog") in line
 
 
+def test_a_file_benchmark_without_shifts_is_refused_before_training(tmp_path):
+    """OOD accuracy is the mean over the shifts: without one, the sweep would train and then
+    have no second axis. A tree that is otherwise fine passes with one shift added."""
+    image_tree(tmp_path / "data", ID_SPLITS)
+    line = dry_run(imagefolder_sweep(tmp_path))
+    assert "benchmark.shifts: required" in line
+    image_tree(tmp_path, {"sketch": FULL})
+    dry_run_ok(imagefolder_sweep(tmp_path, {"sketch": {"path": str(tmp_path / "sketch")}}))
+
+
 def test_a_shift_class_folder_that_is_empty(tmp_path):
     image_tree(tmp_path / "data", ID_SPLITS)
     image_tree(tmp_path, {"sketch": {"cat": 2, "dog": 0}})
