@@ -52,7 +52,8 @@ def test_the_end_of_a_stage_is_printed_once_in_a_log():
     assert len(lines) == 2
 
 
-def test_on_a_terminal_the_line_is_redrawn_in_place_and_other_output_goes_above():
+def test_on_a_terminal_the_line_is_redrawn_in_place_and_other_output_goes_above(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")     # wider than the line, whatever runs the suite
     clock, term = Clock(), Terminal()
     live = LiveView(term, clock=clock)
     live.start("train", 2)
@@ -69,3 +70,14 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_other_output_goes_above(
     assert after.startswith("[train] 0/2 done · 1 running")   # ... and the live line comes back
     assert text.endswith("[train] 1/2 done · 0 running · 0 failed · best on ID val: none yet"
                          " · elapsed 0s · ETA 0s\n")
+
+
+def test_on_a_narrow_terminal_the_line_is_cut_to_its_width(monkeypatch):
+    """A line longer than the terminal would wrap, and `\r` would then redraw only its
+    last row: it is cut one column short of the width instead."""
+    monkeypatch.setenv("COLUMNS", "40")
+    term = Terminal()
+    live = LiveView(term, clock=Clock())
+    live.start("train", 2)
+    frames = term.getvalue().split("\r\x1b[2K")[1:]
+    assert frames and all(len(f) == 39 for f in frames), frames
