@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -324,6 +324,39 @@ def entry_problem(folder: Path, key: str) -> str | None:
     return None
 
 
+def write_entry(folder: Path, parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                rows_per_file: int = 1 << 19, precision: str = "fp32") -> None:
+    """An entry in the cache's format, its key the folder's name, from (row indices,
+    labels, features) parts: for benchmarks and tests that need an ImageNet-sized entry
+    without encoding one (sweeps write theirs through Ray Data and `_commit`)."""
+    folder.mkdir(parents=True)
+    files, writer, total = [], None, 0
+
+    def close() -> None:
+        writer.close()
+        path = folder / files[-1]["name"]
+        files[-1].update(bytes=path.stat().st_size, sha256=_sha256(path))
+    for index, labels, features in parts:
+        if writer is None or files[-1]["rows"] >= rows_per_file:
+            if writer is not None:
+                close()
+            files.append({"name": f"part-{len(files):05d}.parquet", "rows": 0})
+            writer = None
+        table = pa.table({"index": pa.array(np.asarray(index, np.int64)),
+                          "label": pa.array(np.asarray(labels, np.int64)),
+                          "features": _fixed_list(features)})
+        if writer is None:
+            writer = pq.ParquetWriter(folder / files[-1]["name"], table.schema, **PARQUET_OPTIONS)
+        writer.write_table(table)
+        files[-1]["rows"] += len(index)
+        total += len(index)
+    if writer is not None:
+        close()
+    manifest = {"key": folder.name, "format": FORMAT_VERSION, "precision": precision,
+                "rows": total, "files": files, "created": time.time()}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def _valid_entry(folder: Path, key: str) -> bool:
     return entry_problem(folder, key) is None
 
@@ -366,18 +399,23 @@ def head_logits(head: nn.Module, features: torch.Tensor, precision: str = "fp32"
 
 @dataclass(frozen=True)
 class CachedSet:
-    features: torch.Tensor        # (N, d) float32, L2-normalised (empty when not asked for)
+    features: torch.Tensor        # (N, d) float32, L2-normalised (empty when not asked for);
+                                  # with `feature_rows`, only those rows, in row order
     labels: torch.Tensor          # (N,) int64, in the set's own class space
     logits: torch.Tensor | None   # (N, C) float32 over the ID classes; None without a head
     predictions: torch.Tensor | None = None   # (N,) top classes, when asked for (top1)
+    feature_rows: torch.Tensor | None = None  # (N,) bool: the rows `features` holds (None: all)
 
 
 def read_entry(path: str | Path, head: nn.Module | None = None, *,
-               with_features: bool = True, top1: bool = False) -> CachedSet:
+               with_features: bool = True, top1: bool = False,
+               feature_rows: torch.Tensor | None = None) -> CachedSet:
     """One cached (model, set), rows in dataset order; with the model's `head`
     (`model_head`), its logits too, computed on the head's device, or with `top1` only
-    its top classes (a training split's logits are never held whole). A missing,
-    damaged or older-format entry raises FeatureCacheError naming the file."""
+    its top classes, computed a record batch at a time (a training split's features and
+    logits are never held whole). `feature_rows` (N,) bool keeps only those rows'
+    features (VRF's index: the rows the zero-shot model gets wrong). A missing, damaged
+    or older-format entry raises FeatureCacheError naming the file."""
     path = Path(path)
     problem = entry_problem(path, path.name)
     if problem:
@@ -385,12 +423,24 @@ def read_entry(path: str | Path, head: nn.Module | None = None, *,
     manifest = json.loads((path / MANIFEST).read_text())
     precision, rows = manifest["precision"], manifest["rows"]
     files = [str(p) for p in sorted(path.glob("*.parquet"))]
+    streamed = top1 and head is not None
+    keep = None if feature_rows is None else np.asarray(feature_rows, dtype=bool)
+    if keep is not None and keep.shape != (rows,):
+        raise ValueError(f"feature_rows: expected ({rows},) for {path}, got {keep.shape}")
+    # Which rows' features are held while reading: all of them when the logits need them
+    # (the head then runs over the whole array, in HEAD_CHUNK rows), else the kept ones
+    # (`held`, each at its `slot`), or none.
+    held = keep if streamed and with_features else None
+    n_held = (rows if not streamed else 0 if not with_features else
+              rows if held is None else int(held.sum()))
+    slot = None if held is None else np.cumsum(held) - 1
     # Rows go straight to their place in one preallocated array, a record batch at a
     # time: the entry is held once (a 1.28 M x 512 split is 2.6 GB), never twice.
     try:
         width = pq.read_schema(files[0]).field("features").type.list_size if files else 0
-        features = np.empty((rows, width), dtype=np.float32)
+        features = np.empty((n_held, width), dtype=np.float32)
         labels = np.empty(rows, dtype=np.int64)
+        predictions = np.empty(rows, dtype=np.int64) if streamed else None
         seen = np.zeros(rows, dtype=bool)
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH,
@@ -401,16 +451,34 @@ def read_entry(path: str | Path, head: nn.Module | None = None, *,
                                             f"cover 0..{rows - 1} once each ({f})")
                 seen[index] = True
                 labels[index] = batch.column("label").to_numpy()
-                features[index] = batch.column("features").flatten().to_numpy().reshape(-1, width)
+                values = batch.column("features").flatten().to_numpy().reshape(-1, width)
+                if streamed:     # a copy: Arrow's buffers are read-only, torch wants writable
+                    predictions[index] = head_logits(head, torch.from_numpy(values.copy()),
+                                                     precision, top1=True).cpu().numpy()
+                if not n_held:
+                    continue
+                if held is None:
+                    features[index] = values
+                else:
+                    mine = held[index]
+                    features[slot[index[mine]]] = values[mine]
     except pa.ArrowException as err:
         raise FeatureCacheError(f"feature cache entry {path}: {cause_line(err)}") from err
     if not seen.all():
         raise FeatureCacheError(f"feature cache entry {path}: {int((~seen).sum())} of {rows} "
                                 "rows missing")
     features, labels = torch.from_numpy(features), torch.from_numpy(labels)
-    computed = None if head is None else head_logits(head, features, precision, top1=top1)
+    if streamed:
+        logits, top = None, torch.from_numpy(predictions)
+    else:
+        computed = None if head is None else head_logits(head, features, precision, top1=top1)
+        logits, top = (None, computed) if top1 else (computed, None)
+        if keep is not None:
+            features = features[torch.from_numpy(keep)]
+    kept = keep is not None and with_features
     return CachedSet(features=features if with_features else torch.empty(0), labels=labels,
-                     logits=None if top1 else computed, predictions=computed if top1 else None)
+                     logits=logits, predictions=top,
+                     feature_rows=torch.from_numpy(keep) if kept else None)
 
 
 class _Rows:

@@ -23,18 +23,35 @@ from trainers.evaluate import evaluate, evaluate_logits, reliability_summary, su
 
 
 def _member(feature_paths: dict, model: str, sets: list[str], with_features: bool,
-            head: torch.nn.Module) -> MemberOutputs:
+            head: torch.nn.Module, train_rows: torch.Tensor | None = None) -> MemberOutputs:
     """One model's cached outputs, on the job's device (the mixtures and the kNN run
     there): logits are its head on the cached features, computed on the head's device;
-    of the training split only its top classes (what VRF's failure set needs)."""
+    of the training split only its top classes (what VRF's failure set needs), and with
+    `train_rows` only those rows' features."""
     device = next(head.parameters()).device
     cached = {s: read_entry(feature_paths[(model, s)], head, with_features=with_features,
-                            top1=s == ID_TRAIN) for s in sets}
+                            top1=s == ID_TRAIN,
+                            feature_rows=train_rows if s == ID_TRAIN else None) for s in sets}
     return MemberOutputs(
         logits={s: c.logits.to(device) for s, c in cached.items() if s != ID_TRAIN},
         labels={s: c.labels.to(device) for s, c in cached.items()},
         features={s: c.features.to(device) for s, c in cached.items()} if with_features else None,
-        predictions={s: c.predictions.to(device) for s, c in cached.items() if s == ID_TRAIN})
+        predictions={s: c.predictions.to(device) for s, c in cached.items() if s == ID_TRAIN},
+        feature_rows={s: c.feature_rows for s, c in cached.items() if c.feature_rows is not None})
+
+
+def train_feature_rows(ensembles: list, zero_shot: MemberOutputs) -> torch.Tensor | None:
+    """The training rows whose fine-tuned features the trial's output-space ensembles
+    read: the union of what each asks for (`OutputEnsemble.train_rows`); None: all."""
+    readers = [e.ensemble for e in ensembles
+               if isinstance(e.ensemble, OutputEnsemble) and e.ensemble.needs_features]
+    if not readers or any(r.train_rows is None for r in readers):
+        return None
+    predicted, labels = zero_shot.predicted(ID_TRAIN).cpu(), zero_shot.labels[ID_TRAIN].cpu()
+    rows = torch.zeros_like(labels, dtype=torch.bool)
+    for reader in readers:
+        rows |= reader.train_rows(predicted, labels).to(torch.bool)
+    return rows
 
 
 class RowMaker:
@@ -58,39 +75,54 @@ def cached_outputs_job(plan: Plan, trial: Trial, feature_paths: dict,
     output-space ensembles (all coefficients at once) and the weight-space ensembles'
     endpoints (alpha 0 is the zero-shot model, 1 the fine-tuned one, exactly)."""
     assets = load_assets(plan.spec, device)
-    eval_sets = assets.bench.eval_sets()
     row = RowMaker(plan, trial, assets.bench.shift_names)
-    ensembles = plan.ensembles_for(trial)
-    needs_features = plan.needs_train_outputs(trial)
+    fine_tuned = (trial.name, model_head(assets, checkpoints[trial.name], device)) \
+        if trial.trained else None
+    points = cached_points(feature_paths, model_head(assets, None, device), fine_tuned,
+                           plan.ensembles_for(trial), assets.bench.eval_sets(), device)
+    return [row(*point) for point in points]
+
+
+def cached_points(feature_paths: dict, zero_shot_head: torch.nn.Module,
+                  fine_tuned: tuple[str, torch.nn.Module] | None, ensembles: list,
+                  eval_sets: dict, device: torch.device) -> list[tuple]:
+    """(ensemble, coefficients, per-set results, extra metrics) of every point of one
+    trial from the feature cache (`feature_paths[(model, set)]`): the zero-shot model
+    alone when `fine_tuned` (its cache name and head) is None, else the fine-tuned model
+    alone, then each ensemble's points. What bounds a job's memory on ImageNet: logits of
+    the eval sets only, the training split as top classes, and of its features only the
+    rows the ensembles ask for (`bench/ensemble_stage.py` measures it)."""
+    needs_features = any(isinstance(e.ensemble, OutputEnsemble) and e.ensemble.needs_features
+                         for e in ensembles) and fine_tuned is not None
     sets = list(eval_sets) + ([ID_TRAIN] if needs_features else [])
     # the kNN index and queries are the fine-tuned model's features: the zero-shot
     # member's are never read (a 1.28 M x 512 training split is 2.6 GB)
-    zero_shot = _member(feature_paths, ZERO_SHOT, sets, False, model_head(assets, None, device))
-    if not trial.trained:
-        return [row(ALONE, {}, evaluate_logits(zero_shot.logits, zero_shot.labels, eval_sets))]
-    fine_tuned = _member(feature_paths, trial.name, sets, needs_features,
-                         model_head(assets, checkpoints[trial.name], device))
-    alone = evaluate_logits(fine_tuned.logits, fine_tuned.labels, eval_sets)
-    rows = [row(ALONE, {}, alone)]
+    zero_shot = _member(feature_paths, ZERO_SHOT, sets, False, zero_shot_head)
+    if fine_tuned is None:
+        return [(ALONE, {}, evaluate_logits(zero_shot.logits, zero_shot.labels, eval_sets), None)]
+    name, head = fine_tuned
+    fine = _member(feature_paths, name, sets, needs_features, head,
+                   train_feature_rows(ensembles, zero_shot) if needs_features else None)
+    alone = evaluate_logits(fine.logits, fine.labels, eval_sets)
+    points = [(ALONE, {}, alone, None)]
     zs_alone = None
     for entry in ensembles:
-        ensemble, points = entry.ensemble, entry.points()
+        ensemble, coefficients = entry.ensemble, entry.points()
         if isinstance(ensemble, OutputEnsemble):
-            mixture = ensemble.mix(zero_shot, fine_tuned, entry.options, points, device)
+            mixture = ensemble.mix(zero_shot, fine, entry.options, coefficients, device)
             extra = _diagnostics(entry.name, mixture.diagnostics or {})
-            for coefficients, per_set in zip(points, mixture_metrics(zero_shot, fine_tuned,
-                                                                     mixture, eval_sets)):
-                rows.append(row(entry.name, coefficients, per_set, extra))
+            points += [(entry.name, c, per_set, extra) for c, per_set in
+                       zip(coefficients, mixture_metrics(zero_shot, fine, mixture, eval_sets))]
             continue
-        for coefficients in points:
-            member = ensemble.endpoint(coefficients)
+        for c in coefficients:
+            member = ensemble.endpoint(c)
             if member == FINE_TUNED_MEMBER:
-                rows.append(row(entry.name, coefficients, alone))
+                points.append((entry.name, c, alone, None))
             elif member == ZERO_SHOT_MEMBER:
                 if zs_alone is None:
                     zs_alone = evaluate_logits(zero_shot.logits, zero_shot.labels, eval_sets)
-                rows.append(row(entry.name, coefficients, zs_alone))
-    return rows
+                points.append((entry.name, c, zs_alone, None))
+    return points
 
 
 def _diagnostics(prefix: str, values: dict) -> dict[str, float]:

@@ -27,11 +27,14 @@ def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def write_entry(folder, features: np.ndarray, labels: np.ndarray, files: int = 1,
-                fmt: int = FORMAT_VERSION, logits: np.ndarray | None = None) -> None:
-    """An entry as `_commit` writes it (format 1 when asked: a logits column, no sha256)."""
+                fmt: int = FORMAT_VERSION, logits: np.ndarray | None = None,
+                order: np.ndarray | None = None) -> None:
+    """An entry as `_commit` writes it (format 1 when asked: a logits column, no sha256);
+    `order`: the rows' order across the files (Ray Data's blocks finish in any order)."""
     folder.mkdir(parents=True)
     entries = []
-    for i, rows in enumerate(np.array_split(np.arange(len(features)), files)):
+    order = np.arange(len(features)) if order is None else order
+    for i, rows in enumerate(np.array_split(order, files)):
         columns = {"index": pa.array(rows), "label": pa.array(labels[rows]),
                    "features": fc._fixed_list(features[rows])}
         if logits is not None:
@@ -87,6 +90,37 @@ def test_logits_are_the_heads_in_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(fc, "HEAD_CHUNK", 64)
     assert ((head_logits(head, torch.from_numpy(features)) - whole).abs() <= tol).all()
     assert head_logits(head, torch.empty(0, 16)).shape == (0, 7)
+
+
+def test_a_training_split_is_read_a_batch_at_a_time_keeping_only_the_rows_asked_for(
+        tmp_path, monkeypatch):
+    """With `top1`, the head runs per record batch (a 1.28 M-row split's features are never
+    held whole for it) and `feature_rows` keeps only those rows' features: the same top
+    classes as the head on the whole array, and exactly the asked rows, in row order,
+    wherever the files and batches put them."""
+    n, d, c = 300, 16, 7
+    features, labels = unit_rows(n, d), np.arange(n) % c
+    order = np.random.default_rng(1).permutation(n)
+    write_entry(tmp_path / "entry", features, labels, files=3, order=order)
+    monkeypatch.setattr(fc, "READ_BATCH", 32)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(d, c)
+    with torch.no_grad():
+        logits = head(torch.from_numpy(features))
+    top2 = logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4        # rows whose top class no rounding flips
+    keep = torch.from_numpy(np.random.default_rng(2).random(n) < 0.3)
+    part = read_entry(tmp_path / "entry", head, top1=True, feature_rows=keep)
+    assert torch.equal(part.predictions[clear], logits.argmax(1)[clear])
+    assert torch.equal(part.features, torch.from_numpy(features)[keep])
+    assert torch.equal(part.feature_rows, keep) and part.logits is None
+    assert torch.equal(part.labels, torch.from_numpy(labels).long())
+    none = read_entry(tmp_path / "entry", head, with_features=False, top1=True)
+    assert none.features.numel() == 0 and torch.equal(none.predictions, part.predictions)
+    whole = read_entry(tmp_path / "entry", head, top1=True)
+    assert torch.equal(whole.features, torch.from_numpy(features)) and whole.feature_rows is None
+    with pytest.raises(ValueError, match="feature_rows"):
+        read_entry(tmp_path / "entry", head, top1=True, feature_rows=keep[:10])
 
 
 def test_files_are_hashed_once_per_process_and_damage_is_named(tmp_path, monkeypatch):

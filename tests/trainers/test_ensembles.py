@@ -802,6 +802,19 @@ def test_vrf_reads_the_training_split_as_top_classes_alone():
     assert full.weights.keys() == light.weights.keys()
     assert all(torch.equal(full.weights[s], light.weights[s]) for s in full.weights)
 
+    # ... and holding the fine-tuned features of only the rows VRF asks for (`train_rows`:
+    # those the zero-shot model gets wrong, as a sweep's jobs load them) mixes the same
+    rows = ens.train_rows(zs.predicted(TRAIN), zs.labels[TRAIN])
+    assert 0 < int(rows.sum()) < rows.numel()
+    few = dataclasses.replace(top_classes_only(ft),
+                              features={**ft.features, TRAIN: ft.features[TRAIN][rows]},
+                              feature_rows={TRAIN: rows})
+    fewer = ens.mix(top_classes_only(zs), few, options, ens.points(options))
+    assert fewer.diagnostics == full.diagnostics
+    assert all(torch.equal(full.weights[s], fewer.weights[s]) for s in full.weights)
+    with pytest.raises(ValueError, match="not loaded"):    # a row it did not hold
+        few.features_of(TRAIN, ~rows)
+
 
 def test_vrf_uses_fine_tuned_features_of_the_failures_only():
     """Moving a non-failure training feature changes nothing; moving a failure does."""

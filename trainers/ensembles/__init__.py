@@ -12,7 +12,7 @@ Both kinds take their arguments in one order, (zero_shot, fine_tuned, options, p
 - `OutputEnsemble.mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options,
   points, device) -> Mixture`: the per-sample weight of the fine-tuned model at every
   point, from the two members' outputs cached once per model (logits, and image features
-  where `needs_features`); `trainers.ensembles.mixture` turns that into metrics for all
+  where `needs_features`: of the training split only the rows `train_rows` names); `trainers.ensembles.mixture` turns that into metrics for all
   points at once, vectorised.
 
 Every module here registers itself when the registry is first imported, except
@@ -48,12 +48,29 @@ class MemberOutputs:
     logits: (N, C) over the ID classes (projection to a set's own classes comes later);
     predictions: (N,) top classes of sets whose logits were not kept (the training split:
     1.28 M x 1,000 ImageNet logits are 5 GB a model, its top classes 10 MB);
-    features: (N, d) L2-normalised image features, or None when not loaded."""
+    features: (N, d) L2-normalised image features, or None when not loaded; of a set in
+    `feature_rows`, only the rows its (N,) bool mask marks, in row order (the training
+    split holds those an ensemble's `train_rows` asks for: 1.28 M x 512 features are
+    2.6 GB a model)."""
 
     logits: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     features: dict[str, torch.Tensor] | None = None
     predictions: dict[str, torch.Tensor] | None = None
+    feature_rows: dict[str, torch.Tensor] | None = None
+
+    def features_of(self, set_name: str, rows: torch.Tensor) -> torch.Tensor:
+        """(M, d) features of the rows a (N,) bool mask marks, in row order; a row whose
+        features were not loaded is a ValueError (never a silently wrong index)."""
+        if self.features is None:
+            raise ValueError("this member's image features were not loaded")
+        held = (self.feature_rows or {}).get(set_name)
+        if held is None:
+            return self.features[set_name][rows]
+        rows = rows.to(held.device)
+        if bool((rows & ~held).any()):
+            raise ValueError(f"{set_name}: features of rows that were not loaded were asked for")
+        return self.features[set_name][rows[held].to(self.features[set_name].device)]
 
     def eval_sets(self) -> list[str]:
         """The sets a mixture is evaluated on: all but the training split."""
@@ -107,6 +124,10 @@ class OutputEnsemble(Ensemble):
     mix: Callable[[MemberOutputs, MemberOutputs, Any, list[Coefficients], torch.device],
                   Mixture]
     needs_features: bool = False    # reads the members' image features
+    # Given the zero-shot model's top classes and the labels of the training split, the
+    # (N,) bool rows whose fine-tuned features `mix` reads (None: all of them, when it
+    # needs features): what an ensemble job loads of a 1.28 M-row split.
+    train_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     mixes: ClassVar[str] = OUTPUTS
 
 

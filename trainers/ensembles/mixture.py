@@ -98,7 +98,10 @@ def _log_mixture(lp0: torch.Tensor, lp1: torch.Tensor, w: torch.Tensor) -> torch
     """log((1-w) p0 + w p1) in float64 for one point, from the members' log-softmaxes:
     w (N,) -> (N, K), finite everywhere (w = 0 or 1 give the member's log-softmax)."""
     w = w.double()[:, None]
-    return torch.logaddexp(torch.log1p(-w) + lp0.double(), torch.log(w) + lp1.double())
+    # in place: two (N, K) float64 arrays at a time, not four (ImageNet-Sketch: 0.4 GB each)
+    a = lp0.double().add_(torch.log1p(-w))
+    b = lp1.double().add_(torch.log(w))
+    return torch.logaddexp(a, b, out=a)
 
 
 def mixture_metrics(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, mixture: Mixture,
@@ -107,14 +110,19 @@ def mixture_metrics(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, mixture
     bins}}, the same shape as `trainers.evaluate.evaluate_logits` gives a single model.
     `bins` are the 15 reliability bins (count, sum of confidence, number correct)."""
     t0, t1 = mixture.temperatures
-    log_probs = {}
-    for name, eval_set in eval_sets.items():
-        lp0 = torch.log_softmax(eval_set.project(zero_shot.logits[name]).float() / t0, dim=1)
-        lp1 = torch.log_softmax(eval_set.project(fine_tuned.logits[name]).float() / t1, dim=1)
-        log_probs[name] = (lp0, lp1)
+
+    def log_probs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        project = eval_sets[name].project
+        return (torch.log_softmax(project(zero_shot.logits[name]).float() / t0, dim=1),
+                torch.log_softmax(project(fine_tuned.logits[name]).float() / t1, dim=1))
     n_points = mixture.weights[ID_VAL].shape[0]
     results: list[dict] = [{} for _ in range(n_points)]
-    for name, (lp0, lp1) in log_probs.items():
+    # one temperature per point, from ID validation; then one set at a time (ImageNet's
+    # six sets' log-probabilities of both members are 1.4 GB; one set's is at most 0.4)
+    temperatures = _mixture_temperatures(log_probs(ID_VAL), mixture.weights[ID_VAL],
+                                         zero_shot.labels[ID_VAL]) if with_ts else None
+    for name in eval_sets:
+        lp0, lp1 = log_probs(name)
         labels = zero_shot.labels[name].to(lp0.device)
         w = mixture.weights[name].to(lp0.device).float()           # (P, N)
         conf, pred = _top_class_stats(lp0, lp1, w)
@@ -127,23 +135,18 @@ def mixture_metrics(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, mixture
             results[i][name] = {"acc": float(acc[i]), "ece": float(ece[i]), "nll": float(nll[i]),
                                 "bins": [count[i].tolist(), sum_conf[i].tolist(),
                                          sum_correct[i].tolist()]}
-    if with_ts:
-        _add_temperature_scaled(results, log_probs, mixture, zero_shot.labels)
+            if temperatures is not None:
+                log_p = _log_mixture(lp0, lp1, mixture.weights[name][i].to(lp0.device))
+                results[i][name].update(
+                    ece_ts=expected_calibration_error(log_p, labels, temperature=temperatures[i]),
+                    nll_ts=negative_log_likelihood(log_p, labels, temperature=temperatures[i]),
+                    temperature=temperatures[i])
     return results
 
 
-def _add_temperature_scaled(results: list[dict], log_probs: dict, mixture: Mixture,
-                            labels: Mapping[str, torch.Tensor]) -> None:
-    """Per point: one temperature fitted by NLL on ID validation of the mixture, then
-    ECE and NLL of softmax(log p / T) on every set."""
-    for i, result in enumerate(results):
-        lp0, lp1 = log_probs[ID_VAL]
-        w = mixture.weights[ID_VAL][i].to(lp0.device)
-        temperature = fit_temperature(_log_mixture(lp0, lp1, w), labels[ID_VAL].to(lp0.device))
-        for name, (lp0, lp1) in log_probs.items():
-            log_p = _log_mixture(lp0, lp1, mixture.weights[name][i].to(lp0.device))
-            y = labels[name].to(lp0.device)
-            result[name].update(
-                ece_ts=expected_calibration_error(log_p, y, temperature=temperature),
-                nll_ts=negative_log_likelihood(log_p, y, temperature=temperature),
-                temperature=temperature)
+def _mixture_temperatures(log_probs: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+                          labels: torch.Tensor) -> list[float]:
+    """Per point, the temperature fitted by NLL on ID validation of its mixture."""
+    lp0, lp1 = log_probs
+    labels = labels.to(lp0.device)
+    return [fit_temperature(_log_mixture(lp0, lp1, w.to(lp0.device)), labels) for w in weights]

@@ -64,6 +64,12 @@ def neighbour_rank(zsf_size: int, train_size: int, options: VRFOptions) -> int:
     return min(max(k, 1), zsf_size)
 
 
+def zero_shot_wrong(zs_predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the training rows whose fine-tuned features VRF may read, those the
+    zero-shot model gets wrong (the ZSF set is among them; ~30 % of ImageNet's)."""
+    return zs_predicted != labels
+
+
 def sample_weights(distance: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """w = sigmoid(-(d - a) / b) for every (a, b) pair and sample: a, b (P,), d (N,) -> (P, N)."""
     return torch.sigmoid(-(distance[None, :] - a[:, None]) / b[:, None])
@@ -75,7 +81,7 @@ def mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options: VRFOptions
         raise ValueError("VRF needs the fine-tuned model's image features")
     failures = zero_shot_failures(zero_shot.predicted(TRAIN_SPLIT),
                                   fine_tuned.predicted(TRAIN_SPLIT), fine_tuned.labels[TRAIN_SPLIT])
-    zsf = fine_tuned.features[TRAIN_SPLIT][failures]                       # (M, d)
+    zsf = fine_tuned.features_of(TRAIN_SPLIT, failures)                    # (M, d)
     # No failure fixed by fine-tuning: every sample is infinitely far from the (empty)
     # set, so w = 0 and VRF is the calibrated zero-shot model.
     k = neighbour_rank(zsf.shape[0], failures.shape[0], options) if zsf.shape[0] else 0
@@ -96,4 +102,4 @@ def mix(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, options: VRFOptions
 
 
 register(OutputEnsemble(name="vrf", options=VRFOptions, coefficients=("a", "b"), mix=mix,
-                        needs_features=True, paper="https://arxiv.org/abs/2411.06966"))
+                        needs_features=True, train_rows=zero_shot_wrong, paper="https://arxiv.org/abs/2411.06966"))
