@@ -22,17 +22,27 @@ test-fast: $(STAMP)  ## the suite without the e2e tests: no Ray, no subprocesses
 # Never part of `make test`: minutes of work, and speed belongs here, not in tests. The
 # CPU benchmarks (bench/knn.py uses a GPU when there is one), then bench/gpu.py only
 # where torch sees a GPU. Record what they print in bench/RESULTS.md.
+# Each script also writes its figures into $(BENCH_SUMMARY); the last step prints them as
+# one table with the machine (what bench/RESULTS.md keeps). About 45 minutes on 2 cores.
+BENCH_SUMMARY ?= $(or $(TMPDIR),/tmp)/orch-bench-summary.jsonl
 bench: $(STAMP)  ## the benchmarks (bench/RESULTS.md): ratios against plain loops, side by side
 	$(PY) -m trainers.toyworld.pretrain
-	$(PY) bench/knn.py
-	$(PY) bench/ensemble_sweep.py --no-ts --baseline-points 5
-	$(PY) bench/feature_cache.py
-	$(PY) bench/wise_sweep.py
-	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	rm -f $(BENCH_SUMMARY)
+	export ORCH_BENCH_SUMMARY=$(BENCH_SUMMARY); \
+	$(PY) bench/knn.py && \
+	$(PY) bench/ensemble_sweep.py --no-ts --baseline-points 5 && \
+	$(PY) bench/ensemble_stage.py && \
+	$(PY) bench/input_feed.py && \
+	$(PY) bench/feature_cache.py --jpegs 6000 && \
+	$(PY) bench/feature_cache.py --models 10 && \
+	$(PY) bench/wise_sweep.py && \
+	$(PY) bench/driver_overhead.py --trials 10 200 && \
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) bench/gpu.py; \
 	else \
 		echo "bench: no GPU here, bench/gpu.py skipped"; \
 	fi
+	$(PY) bench/summary.py $(BENCH_SUMMARY)
 
 toy-clip: $(STAMP)  ## pre-train the toy CLIP from scratch (5-9 min on 2 cores) and rewrite its shipped weights
 	$(PY) -m trainers.toyworld.pretrain --rebuild

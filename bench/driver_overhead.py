@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 ORCH = Path(sys.executable).with_name("orch")
@@ -74,6 +75,10 @@ def main() -> None:
     for r in rows[1:]:
         print(f"overhead per trial at {r['n']} / at {rows[0]['n']}: {r['overhead'] / base:.2f}x "
               "(target <= 1.2x)")
+        record(f"driver overhead per training trial, {r['n']} vs {rows[0]['n']} trials",
+               f"{r['overhead']:.3f} s", f"{base:.3f} s", f"{r['overhead'] / base:.2f}x",
+               "<= 1.2x", r["overhead"] / base <= 1.2,
+               f"sweep wall {rows[0]['wall']:.0f} s -> {r['wall']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Benchmark: OSE and VRF coefficient sweeps from cached logits (orch) vs. re-encoding per
-coefficient (a plain loop without orch's feature cache), side by side on the same data.
+"""Benchmark: OSE and VRF coefficient sweeps from cached logits (orch) vs. a peer's loop over
+the points on the same cached outputs, and vs. re-encoding per coefficient (a plain loop
+without orch's feature cache), side by side on the same data.
 
 Data (seeded, float32): C classes with random unit prototypes; per sample a true label and
 an input x = prototype[label] + Gaussian noise (N, d). Two members, each a torch "tower"
@@ -33,12 +34,17 @@ weights, temperatures and distances are built once, outside both timings (their 
 printed on its own line); both sides use the same ones. `--baseline-points K` times the
 baseline on K evenly spaced points and scales its time to P (printed as such); by default
 it runs all P. Results of both are compared on the points both computed.
+peer     - (`--peer`, on by default) what the VRF authors' evaluation does on the same
+           cached outputs: both members' softmaxes once, then for each of the P points the
+           mixture over all classes, its argmax and max, ECE with the usual loop over 15
+           bins, NLL (`peer_point`); timed over all P points against orch's with_ts=False.
 With `--device cuda` the cached logits, weights and towers live on the GPU, as in an
 ensemble job of a trial that has one.
 Usage:
   .venv/bin/python bench/ensemble_sweep.py [--samples 50000] [--val-samples 10000]
       [--classes 1000] [--coefficients 101] [--dim 512] [--tower linear|mlp] [--hidden 1024]
       [--ensembles ose,vrf] [--no-ts] [--baseline-points K] [--threads N] [--device cpu|cuda]
+      [--no-peer]
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ from trainers.ensembles.ose import OSEOptions  # noqa: E402
 from trainers.ensembles.vrf import VRFOptions, sample_weights  # noqa: E402
 from trainers.metrics import (accuracy, expected_calibration_error, fit_temperature,  # noqa: E402
                               negative_log_likelihood)
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
 
 BASIC, TS = ("acc", "ece", "nll"), ("ece_ts", "nll_ts")
 
@@ -178,6 +185,29 @@ def baseline_point(towers, inputs, labels, temperatures, weights: dict, with_ts:
     return result, times
 
 
+def peer_point(probs: dict, labels: dict, weights: dict, device) -> dict:
+    """One coefficient point as a peer's loop does it on cached outputs (the VRF authors'
+    evaluation: both members' softmaxes computed once, then per point the mixture over
+    all classes, its argmax, ECE with the usual loop over 15 bins, NLL): {set: metrics}."""
+    result = {}
+    for s, (p0, p1) in probs.items():
+        w = weights[s][:, None]
+        p = (1 - w) * p0 + w * p1                                   # (N, C)
+        conf, pred = p.max(dim=1)
+        y = labels[s]
+        correct = (pred == y).float()
+        ece = torch.zeros((), device=device)
+        edges = torch.linspace(0, 1, 16, device=device)
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            in_bin = (conf > lo) & (conf <= hi)
+            share = in_bin.float().mean()
+            if share > 0:
+                ece += (conf[in_bin].mean() - correct[in_bin].mean()).abs() * share
+        nll = -p.gather(1, y[:, None]).clamp_min(torch.finfo(p.dtype).tiny).log().mean()
+        result[s] = {"acc": float(correct.mean()), "ece": float(ece), "nll": float(nll)}
+    return result
+
+
 def subset(members, mixture: Mixture, inputs, labels, n: int, points: int):
     """The first n samples of every set and the first `points` points (warm-up)."""
     cut = lambda d: {s: v[:n] for s, v in d.items()}   # noqa: E731
@@ -206,6 +236,8 @@ def main() -> None:
     parser.add_argument("--baseline-points", type=int, default=None,
                         help="time the baseline on this many evenly spaced points and scale "
                              "to P (default: all P)")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time a peer's loop over the points on the cached outputs")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -299,6 +331,28 @@ def main() -> None:
               + ("" if len(chosen) == P else f" (x{scale:.2f} from {len(chosen)} points)"))
         print("  max |orch - baseline| over the baseline's points: "
               + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))
+        if args.peer:
+            # what a peer does: softmaxes once, then a loop over all P points
+            sync(device)
+            start = time.perf_counter()
+            t0, t1 = mixture.temperatures
+            probs = {s: (torch.softmax(members[0].logits[s] / t0, dim=1),
+                         torch.softmax(members[1].logits[s] / t1, dim=1)) for s in inputs}
+            peer = [peer_point(probs, labels, {s: w[i] for s, w in mixture.weights.items()},
+                               device) for i in range(P)]
+            sync(device)
+            peer_s = time.perf_counter() - start
+            del probs
+            gap = {k: max(abs(orch_results[False][i][s][k] - peer[i][s][k])
+                          for i in range(P) for s in inputs) for k in BASIC}
+            print(f"  peer loop on cached outputs (acc/ECE/NLL, {P} points): {fmt(peer_s)}   "
+                  f"orch: {fmt(orch[False])}   ratio (peer/orch): {peer_s / orch[False]:.1f}x "
+                  "(target >= 20x)")
+            print("  max |orch - peer|: " + ", ".join(f"{k} {v:.1e}" for k, v in gap.items()))
+            size = f"{P} points x {args.samples // 1000}k x {args.classes:,} classes"
+            record(f"{name.upper()} sweep, {size}, vs a peer's loop on cached outputs",
+                   f"{orch[False]:.2f} s", f"{peer_s:.1f} s", f"{peer_s / orch[False]:.1f}x",
+                   ">= 20x", peer_s / orch[False] >= 20)
 
 
 if __name__ == "__main__":

@@ -49,22 +49,56 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # a local Ray for this p
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
+
+
+# `--jpegs`: a tiny open_clip ViT at CLIP's 224 resolution (2 blocks a tower, width 64),
+# random weights, on an image-folder task of JPEGs as ImageNet's are stored
+TINY_VIT = "orch-bench-tiny-vit"
+TINY_VIT_CONFIG = {"embed_dim": 64,
+                   "vision_cfg": {"image_size": 224, "layers": 2, "width": 64,
+                                  "patch_size": 32, "head_width": 32},
+                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64,
+                                "heads": 2, "layers": 2}}
+JPEG_CLASSES = ["cat", "dog", "car", "ship"]
+
+
+def write_jpeg_task(root: Path, n: int) -> dict:
+    """n JPEGs of 500x375 at q90 (as bench/input_feed.py writes them) in
+    root/task/{train,val,test}/<class>/ and root/sketch/<class>/ (60/10/15/15 %), and the
+    tiny ViT's config; returns the `benchmark` and `model` blocks of a sweep file."""
+    import json
+    from input_feed import write_jpegs
+    counts = {"task/train": 0.6, "task/val": 0.1, "task/test": 0.15, "sketch": 0.15}
+    for i, (folder, share) in enumerate(counts.items()):
+        per_class = max(1, round(n * share / len(JPEG_CLASSES)))
+        for j, name in enumerate(JPEG_CLASSES):
+            (root / folder / name).mkdir(parents=True)
+            write_jpegs(root / folder / name, per_class, seed=100 * i + j)
+    config = root / f"{TINY_VIT}.json"
+    config.write_text(json.dumps(TINY_VIT_CONFIG))
+    return {"benchmark": {"source": "imagefolder", "root": str(root / "task"),
+                          "classnames": JPEG_CLASSES, "templates": ["a photo of a {}"],
+                          "shifts": {"sketch": str(root / "sketch")}},
+            "model": {"arch": TINY_VIT, "config": str(config), "pretrained": "none"}}
 
 
 def make_spec(args, cache: str, eval_size: int | None, train_size: int | None):
     from orchestrator.spec import parse_spec
-    benchmark = {"source": "toyworld"}
-    if eval_size:
-        benchmark["eval_size"] = eval_size
-    if train_size:
-        benchmark["train_size"] = train_size
+    if args.task is not None:                       # JPEG files (sizes: all of them)
+        blocks = dict(args.task)
+    else:
+        blocks = {"benchmark": {"source": "toyworld"}, "model": {"arch": "toy"}}
+        if eval_size:
+            blocks["benchmark"]["eval_size"] = eval_size
+        if train_size:
+            blocks["benchmark"]["train_size"] = train_size
     features = {"batch_size": args.batch_size, "cpus_per_actor": args.cpus_per_actor,
                 "gpus_per_actor": args.gpus_per_actor, "cache_dir": cache}
     if args.actors:
         features["actors"] = args.actors
-    return parse_spec({"name": "bench", "model": {"arch": "toy"}, "benchmark": benchmark,
-                       "method": {"name": "zeroshot"}, "features": features,
-                       "storage_path": cache})
+    return parse_spec({"name": "bench", **blocks, "method": {"name": "zeroshot"},
+                       "features": features, "storage_path": cache})
 
 
 def wait_for_idle_cluster(ray, timeout: float = 60.0) -> float:
@@ -97,7 +131,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", type=int, default=1,
                         help="models to encode in one job (a sweep's fitted models)")
+    parser.add_argument("--jpegs", type=int, default=None,
+                        help="encode N JPEG files (500x375 q90) with a tiny ViT at 224 "
+                             "instead of the toy world; the plain loop's DataLoader then "
+                             "decodes with every CPU")
     args = parser.parse_args()
+    args.task = None
     device = torch.device(args.device)
     if args.gpus_per_actor is None:
         args.gpus_per_actor = 1.0 if device.type == "cuda" else 0.0
@@ -115,7 +154,10 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="orch-bench-features-"))
     try:
+        if args.jpegs:
+            args.task = write_jpeg_task(root / "jpegs", args.jpegs)
         spec = make_spec(args, str(root / "cache"), args.eval_size, args.train_size)
+        loader_workers = (os.cpu_count() or 1) if args.jpegs else 0
 
         # plain: set-up (not in its figure), warm-up batch, then every set
         start = time.perf_counter()
@@ -144,7 +186,7 @@ def main() -> None:
         for path in files or [None]:
             model = load_fitted(assets, str(path) if path else None, device).classifier
             for ds in datasets.values():
-                encode(model, ds, device, args.batch_size)
+                encode(model, ds, device, args.batch_size, num_workers=loader_workers)
         if device.type == "cuda":
             torch.cuda.synchronize()
         plain = time.perf_counter() - start
@@ -156,7 +198,7 @@ def main() -> None:
         import ray.data  # noqa: F401  (configures its loggers on import; quiet them after)
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         lines: list[str] = []
-        small = make_spec(args, str(root / "warmup"), args.batch_size, args.batch_size)
+        small = make_spec(args, str(root / "warmup"), args.batch_size, args.batch_size)   # id_val only
         small_bench = load_benchmark(small.benchmark, clip)
         FeatureCache(small, small_bench, lines.append).ensure(
             [(zero_shot_ref(small, small_bench), ["id_val"])], "warm-up")
@@ -181,7 +223,10 @@ def main() -> None:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {args.threads} torch thread(s)")
     actors = args.actors or "orch's default"
-    print(f"Feature cache, toy CLIP on the toy world: {max(1, len(files))} model(s) x "
+    what = (f"tiny ViT (224, random weights) on {args.jpegs:,} JPEG files, plain loop "
+            f"decoding with {loader_workers} DataLoader workers" if args.jpegs
+            else "toy CLIP on the toy world")
+    print(f"Feature cache, {what}: {max(1, len(files))} model(s) x "
           f"{len(sets)} sets ({', '.join(sets)}), {n_images:,} images, batch {args.batch_size}; "
           f"{os.cpu_count()} CPU(s)")
     print(f"plain loop on {device.type} ({where}); orch: Ray with {cluster.get('CPU', 0):g} CPU(s)"
@@ -197,6 +242,11 @@ def main() -> None:
     print(f"  orch figure includes {setup_orch:.2f} s of FeatureCache() and zero_shot_ref() "
           f"(dataset and model fingerprints)")
     print(f"orch reuse (second ensure, all {len(sets)} sets cached): {reuse:.3f} s")
+    what = (f"{n_images:,} JPEGs, tiny ViT" if args.jpegs else
+            f"{n_images:,} toy images, {max(1, len(files))} model(s)")
+    record(f"feature encoding, {what}", f"{n_images / orch:,.0f} img/s",
+           f"{n_images / plain:,.0f} img/s", f"{plain / orch:.2f}x", ">= 0.9x",
+           plain / orch >= 0.9, "actor start-up included")
 
 
 if __name__ == "__main__":

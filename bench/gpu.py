@@ -59,6 +59,7 @@ from trainers.methods.flyp import FLYPOptions, FLYPTask  # noqa: E402
 from trainers.methods.ft import FTOptions, FTTask  # noqa: E402
 from trainers.models import ImageClassifier, load_clip  # noqa: E402
 from trainers.train_loop import Hooks, train  # noqa: E402
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
 
 N_CLASSES = 1000
 TINY_ARCH = "orch-bench-tiny-vit"
@@ -358,6 +359,13 @@ def report(arch: str, rows: list[Row], device: torch.device) -> None:
         peak = (f"{r.peak:>10.1f}" if r.peak is not None else f"{'-':>10}") if mem else ""
         note = r.note or (ratio(r.what, compare[r.what]) if r.what in compare else "")
         print(f"  {r.what:<22}{rate}{peak}  {note}")
+    targets = (("orch FT", "plain CE compiled", 1.0), ("orch FLYP", "plain contr. compiled", 1.0),
+               ("orch encode_batch", "plain encode_image", 0.9))
+    for mine, theirs, target in targets:
+        a, b = by.get(mine), by.get(theirs)
+        if a is not None and b is not None and a.rate and b.rate:
+            record(f"{arch}: {mine} vs {theirs}", f"{a.rate:,.0f} img/s", f"{b.rate:,.0f} img/s",
+                   f"{a.rate / b.rate:.2f}x", f">= {target}x", a.rate / b.rate >= target)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.data.benchmark import FileImageDataset  # noqa: E402
 from trainers.train_loop import EpochBatches, train_loader  # noqa: E402
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -104,6 +105,10 @@ def main() -> None:
             print(f"{name:>22}  {workers:>9}  {max(values):>15.1f}")
         ratio = max(rates[("orch", args.workers)]) / max(rates[("plain", args.workers)])
         print(f"orch / plain with {args.workers} processes each: {ratio:.2f}x (target >= 0.9x)")
+        record(f"training input feed, {args.images} JPEGs 500x375, {args.workers} processes",
+               f"{max(rates[('orch', args.workers)]):.0f} img/s",
+               f"{max(rates[('plain', args.workers)]):.0f} img/s", f"{ratio:.2f}x", ">= 0.9x",
+               ratio >= 0.9)
 
 
 if __name__ == "__main__":

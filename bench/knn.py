@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers import knn  # noqa: E402
 from trainers.knn import kth_neighbour_sq_distance  # noqa: E402
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
 
 LARGE = ((400_000, 50_000), (50_000, 400_000))    # (queries, index rows), d = 512
 
@@ -152,6 +153,12 @@ def first_case(args, device: torch.device, blas: str) -> None:
           f"plain/orch: {plain / orch:.2f}x (one block), {plain / streamed:.2f}x (streamed)")
     print(f"max |orch - NumPy| = {diff:.2e}  (squared distances lie in [0, 4]); "
           f"orch (one block) == plain torch bit for bit: {same_as_plain}")
+    shape = f"{args.queries // 1000}k x {args.index // 1000}k x {args.dim}, k={args.k}"
+    record(f"exact kNN, {shape}, vs NumPy blocks", f"{orch:.2f} s", f"{base:.2f} s",
+           f"{base / orch:.1f}x")
+    record(f"exact kNN, {shape}, vs a plain torch loop", f"{orch:.2f} s", f"{plain:.2f} s",
+           f"{plain / orch:.2f}x", "-", None, f"streamed in {n_blocks} blocks: "
+           f"{plain / streamed:.2f}x")
 
 
 def large_case(args, device: torch.device) -> None:

@@ -35,6 +35,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _summary import record  # noqa: E402  (bench/ is the script's folder)
 
 
 def make_spec(args, alphas: list[float], eval_size: int | None, storage: str):
@@ -177,6 +178,8 @@ def main() -> None:
           f"baseline: {plain:.2f} s ({len(alphas) * n_images / plain:,.0f} images/s)   "
           f"ratio (baseline/orch): {plain / orch:.2f}x")
     print(f"max |orch - plain| over alphas of {', '.join(keys)}: {diff:.1e}")
+    record(f"WiSE-FT sweep, {len(alphas)} alphas x {n_images:,} images, toy CLIP",
+           f"{orch:.1f} s", f"{plain:.1f} s", f"{plain / orch:.2f}x")
 
 
 if __name__ == "__main__":
