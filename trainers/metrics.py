@@ -107,6 +107,20 @@ def _confidence_and_nll(logits: Tensor, labels: Tensor, temperature: float) -> t
     return conf, nll
 
 
+def confidence_and_nll(logits: Tensor, labels: Tensor, temperature: float = 1.0
+                       ) -> tuple[Tensor, Tensor]:
+    """Per-sample max probability and NLL of ``softmax(logits / T)``, both ``(N,)`` float64,
+    without the input checks of the metrics above: for callers that compute ECE and NLL
+    of one large set a block of rows at a time (then ``ece_of`` and ``nll.mean()``), on
+    values finite by construction."""
+    return _confidence_and_nll(logits, labels, _check_temperature(temperature))
+
+
+def ece_of(conf: Tensor, correct: Tensor, n_bins: int = 15) -> float:
+    """``expected_calibration_error`` from per-sample confidence and correctness ``(N,)``."""
+    return _ece_from(conf, correct, n_bins)
+
+
 def _correct(logits: Tensor, labels: Tensor) -> Tensor:
     """``(N,)`` bool: argmax (ties -> lowest index) equals the label."""
     return logits.argmax(dim=1) == labels

@@ -594,6 +594,22 @@ def test_mixture_chunking_does_not_change_results(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_temperature_scaled_calibration_by_blocks_of_rows_is_the_whole_sets(monkeypatch):
+    """ECE and NLL after temperature scaling, computed a block of rows at a time (an
+    ImageNet set's float64 mixture is never whole), equal the metrics of the whole mixture
+    to the bit: every per-sample value is the same, and so is the one sum over them."""
+    from trainers.metrics import expected_calibration_error, negative_log_likelihood
+    gen = torch.Generator().manual_seed(8)
+    lp0 = (torch.randn(64, 30, generator=gen) * 2).log_softmax(1)
+    lp1 = (torch.randn(64, 30, generator=gen) * 3).log_softmax(1)
+    w, labels = torch.rand(64, generator=gen), torch.randint(0, 30, (64,), generator=gen)
+    whole = mixture_mod._log_mixture(lp0, lp1, w)
+    expected = (expected_calibration_error(whole, labels, temperature=1.7),
+                negative_log_likelihood(whole, labels, temperature=1.7))
+    monkeypatch.setattr(mixture_mod, "_CHUNK", 30 * 7)                     # 7 rows a block
+    assert mixture_mod._scaled_calibration(lp0, lp1, w, labels, 1.7) == expected
+
+
 def test_mixture_projects_before_softmax():
     """A subset set: the members' probabilities are over the subset's classes only, so
     at w = 0 the metrics are those of the projected logits, not of renormalised or
