@@ -278,6 +278,11 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
                f"{plan.num_points()} point(s) to evaluate")
     for entry in spec.methods:
         click.echo(f"method {entry.label} ({entry.method_name}):")
+        if entry.searched:
+            space = ", ".join(f"{k}: {v.describe() if hasattr(v, 'describe') else v}"
+                              for k, v in entry.grid.items())
+            click.echo(f"  {spec.search.n_trials} trial(s) proposed by {spec.search.searcher} "
+                       f"over {space}")
         for point in (p for p in points if p.label == entry.label):
             options = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(point.options).items())
             click.echo(f"  {point.name}: seed={point.seed} {options}")
@@ -287,6 +292,11 @@ def _print_plan(spec, tracking_uri, address, bench=None) -> None:
         applies = ", ".join(entry.methods) if entry.methods else "every trained method"
         click.echo(f"ensemble {entry.name} ({entry.ensemble.mixes}): {grid}; "
                    f"{len(entry.points())} point(s) per trial; applies to {applies}")
+    if spec.search.searcher:
+        s = spec.search
+        click.echo(f"search: {s.searcher} (TPE, seed {s.seed}) on ID validation "
+                   f"{', '.join(s.objectives)}; {s.n_trials} trial(s) per searched entry, in "
+                   f"rounds of as many as run at once")
     if spec.search.scheduler:
         s = spec.search
         click.echo(f"early stopping: {s.scheduler} on ID validation accuracy per epoch, grace "

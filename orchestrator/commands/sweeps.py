@@ -62,9 +62,10 @@ def journal_spec(journal: Journal) -> SweepSpec:
     meta, text = journal.meta(), journal.spec_text() or ""
     cwd = meta.get("cwd")
     with contextlib.chdir(cwd) if cwd and Path(cwd).is_dir() else contextlib.nullcontext():
-        return parse_spec(yaml.safe_load(text),
+        spec = parse_spec(yaml.safe_load(text),
                           source_file=Path(meta["source_file"]) if meta.get("source_file")
                           else None)
+    return spec.with_proposals(journal.proposals())   # a searcher's trials, as it proposed them
 
 
 __all__ = ["SweepNotFound", "find_journal", "journal_spec"]

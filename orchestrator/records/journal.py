@@ -1,7 +1,8 @@
 """A sweep's own record, kept in its storage folder as it runs:
 
     <storage_path>/<sweep_id>/
-        sweep.json              id, name, file, effective spec, status, MLflow ids, pid
+        sweep.json              id, name, file, effective spec, status, MLflow ids, pid,
+                                the searcher's proposals (written before they train)
         sweep.yaml              the effective sweep file
         trials/<trial>.json     a finished training trial: its loss curve, its model file
         checkpoints/<trial>.json    an unfinished trial's latest epoch checkpoint
@@ -87,6 +88,14 @@ class Journal:
                 and not alive(int(meta.get("pid", 0))):
             return INTERRUPTED
         return status
+
+    def save_proposals(self, proposals: dict[str, list[dict[str, Any]]]) -> None:
+        """The searched entries' trials so far ({label: [hparams, ...]}), before they train:
+        a resumed sweep, `orch report`, `export` and `sync` rebuild the same trials."""
+        self.update(search_proposals=proposals)
+
+    def proposals(self) -> dict[str, list[dict[str, Any]]]:
+        return self.meta().get("search_proposals") or {}
 
     # -- what is done ---------------------------------------------------------------------
     def save_trial(self, name: str, record: dict) -> None:

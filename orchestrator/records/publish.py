@@ -60,7 +60,10 @@ def record_trial(records: SweepRecords, plan: Plan, record: dict) -> None:
                   metrics={"restarts": float(record.get("restarts", 0)),
                            **({"seconds": record["seconds"]} if "seconds" in record else {}),
                            **{f"stopped_{k}": float(v) for k, v in stopped.items()
-                              if v is not None}},
+                              if v is not None},
+                           # what the searcher was told (ID validation of the fitted model)
+                           **{f"search_{k}": float(v)
+                              for k, v in (record.get("objectives") or {}).items()}},
                   history=record["history"], status=TRIAL_RUN_STATUS[record["status"]],
                   tags={"orch.restarts": str(record.get("restarts", 0)),
                         "orch.trial_status": record["status"],

@@ -51,7 +51,9 @@ from orchestrator.run.errors import cause_line
 from orchestrator.run.features import FeatureCache, trial_ref, zero_shot_ref
 from orchestrator.run.jobs import ensemble_trial
 from orchestrator.run.live import LiveView
-from orchestrator.run.trials import EPOCHS_DONE, HISTORY_FILE, MODEL_FILE, VAL_ACC, train_trial
+from orchestrator.run.search import best_trials, propose, scores_of, study_of
+from orchestrator.run.trials import (EPOCHS_DONE, HISTORY_FILE, MODEL_FILE, OBJECTIVES, VAL_ACC,
+                                     train_trial)
 from orchestrator.spec.types import SweepSpec
 from orchestrator.storage import StorageError, check_writable, join
 from trainers.data.benchmark import ID_TRAIN
@@ -154,6 +156,8 @@ class Sweep:
                   # the trial's own time (Tune's time_total_s, restarts included)
                   "seconds": float(result.get("time_total_s", 0.0)), "ended": time.time(),
                   "model": join(trial.checkpoint.path, MODEL_FILE) if done else None}
+        if done and OBJECTIVES in result:     # a searched trial's scores (the searcher reads)
+            record["objectives"] = json.loads(result[OBJECTIVES])
         if stopped:         # when ASHA stopped it, and what it had reached
             record["stopped"] = {EPOCHS_DONE: result.get(EPOCHS_DONE),
                                  VAL_ACC: result.get(VAL_ACC)}
@@ -266,8 +270,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
     """Run a sweep (or continue `resume`); raises SweepInterrupted on Ctrl-C/SIGTERM.
     `overrides`: the command line's KEY=VALUE pairs, for the resume hint."""
     check_writable(spec.storage_path)
-    plan = Plan(spec)
     journal = resume or Journal(join(spec.storage_path, new_sweep_id(spec.name)))
+    spec = spec.with_proposals(journal.proposals())   # a resumed search's trials so far
+    plan = Plan(spec)
     sweep_id = journal.sweep_id
     meta = journal.meta()
     live = None if verbose else LiveView()
@@ -303,9 +308,13 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
         cache = FeatureCache(spec, bench, echo)
         records.datasets(_dataset_inputs(spec, bench, cache))
         feature_paths = _features_before_training(plan, cache, bench)
-        models = _train_stage(sweep, [t for t in trained if not t.merges], feature_paths)
+        searched = {e.label for e in spec.methods if e.searched}
+        models = _train_stage(sweep, [t for t in trained if not t.merges
+                                      and t.label not in searched], feature_paths)
+        models.update(_search_stage(sweep, feature_paths))   # the searcher's trials, by rounds
+        plan = sweep.plan
         # soups and Model Stock: trials of their own, on the fitted models of their members
-        models.update(_train_stage(sweep, [t for t in trained if t.merges], feature_paths,
+        models.update(_train_stage(sweep, [t for t in plan.trained if t.merges], feature_paths,
                                    models, stage=MERGE))
         feature_paths.update(_features_after_training(plan, models, cache, bench))
         table = Table.of(_ensemble_stage(sweep, models, feature_paths))
@@ -409,11 +418,12 @@ def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict,
         # The named hyper-parameters themselves are the search space (`trial/lr`,
         # `trial/seed`), so a Tune searcher or scheduler sees them; each trial rebuilds
         # its options from them. A resumed sweep lists just the unfinished trials.
-        if len(todo) == len(trials):
-            labels = {t.label for t in trials}
+        labels = {t.label for t in trials}
+        entries = [e for e in plan.spec.methods if e.label in labels]
+        if len(todo) == len(trials) and not any(e.searched for e in entries):
             space = [{"label": e.label, **{k: tune.grid_search(v) for k, v in e.grid.items()}}
-                     for e in plan.spec.methods if e.label in labels]
-        else:
+                     for e in entries]
+        else:       # a resumed sweep's unfinished trials, or a searcher's round
             space = [t.config() for t in todo]
         resume_from = {n: path for n, path in journal.checkpoints().items()
                        if n in {t.name for t in todo}}
@@ -434,6 +444,42 @@ def _train_stage(sweep: Sweep, trials: list[Trial], feature_paths: dict,
         sweep.echo(f"[{stage}] stopped early by the search: {', '.join(stopped)} "
                    "(no model: ensembles and soups leave them out)")
     return {t.name: settled[t.name]["model"] for t in trials if t.name not in stopped}
+
+
+def _search_stage(sweep: Sweep, feature_paths: dict) -> dict[str, str]:
+    """The trials of every searched entry (`orchestrator.run.search`): per entry, rounds
+    of as many trials as run at once, each round proposed by Optuna from every score so
+    far, written to the journal, then trained; until `search.n_trials`. Returns {trial
+    name: fitted-model file}; `sweep.plan` ends with every proposed trial."""
+    spec = sweep.plan.spec
+    search, r = spec.search, spec.resources
+    entries = [e for e in spec.methods if e.searched]
+    if not entries:
+        return {}
+    width = concurrent_trials(r, r.workers_per_trial > 1, Have.now()) or \
+        Have.now().fits(r.cpus_per_trial, r.gpus_per_trial)
+    proposals = {e.label: list(e.proposals) for e in entries}
+    models: dict[str, str] = {}
+    for entry in entries:
+        while True:
+            trials = [t for t in sweep.plan.trials if t.label == entry.label]
+            models.update(_train_stage(sweep, trials, feature_paths))
+            records = sweep.journal.trials()
+            scores = [scores_of(records.get(t.name), search) for t in trials]
+            asked = len(proposals[entry.label])
+            if asked >= search.n_trials:
+                break
+            new = propose(entry, search, proposals[entry.label], scores,
+                          min(width, search.n_trials - asked))
+            proposals[entry.label] += new
+            sweep.journal.save_proposals(proposals)      # before they train: --resume
+            sweep.plan = Plan(spec.with_proposals(proposals))
+            sweep.echo(f"[search] {entry.label}: Optuna proposes {len(new)} trial(s) "
+                       f"({asked + len(new)}/{search.n_trials})")
+        study = study_of(entry, search, proposals[entry.label], scores)
+        best = ", ".join(trials[i].name for i in best_trials(study))
+        sweep.echo(f"[search] {entry.label}: best on {', '.join(search.objectives)}: {best}")
+    return models
 
 
 def _ensemble_stage(sweep: Sweep, models: dict[str, str], feature_paths: dict) -> list[Row]:

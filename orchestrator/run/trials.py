@@ -29,6 +29,7 @@ from orchestrator.run.features import ZERO_SHOT, read_entry
 from orchestrator.spec.types import ResourcesSpec, SweepSpec
 from trainers.data.benchmark import ID_TRAIN, ArrayImageDataset
 from trainers.evaluate import predict
+from trainers.metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from trainers.methods import FitContext, get_method
 from trainers.train_loop import MAIN_PHASE, Hooks
 
@@ -37,6 +38,7 @@ HISTORY_FILE = "history.json"        # the trial's loss curve so far
 MODEL_FILE = "model.pt"              # the fitted model (classifier, fine-tuned text tower)
 VAL_ACC = "val_acc"                  # per-epoch ID validation accuracy (early stopping)
 EPOCHS_DONE = "epochs_done"          # main-phase epochs done: early stopping's clock
+OBJECTIVES = "objectives"            # a searched trial's scores on ID validation (JSON)
 
 
 def setup(spec: SweepSpec) -> torch.device:
@@ -120,12 +122,30 @@ def _fit(spec: SweepSpec, trial: Trial, feature_paths: dict, device: torch.devic
                      train_eval_set=assets.bench.train_eval, members=member_models,
                      val_set=assets.bench.val.dataset)
     fitted = method.fit(assets.start, trial.options, ctx)
+    final = {"fitted": True, "history": json.dumps(history)}
+    if is_first and _searched(spec, trial):     # what the searcher is told
+        final[OBJECTIVES] = json.dumps(_objectives(spec, fitted.classifier, assets, device))
     with tempfile.TemporaryDirectory() as folder:
         if is_first:
             save_fitted(fitted, Path(folder) / MODEL_FILE)
         # The whole loss curve rides on the last report, so the driver can log it to
         # MLflow from the final result alone.
-        report({"fitted": True, "history": json.dumps(history)}, Path(folder) if is_first else None)
+        report(final, Path(folder) if is_first else None)
+
+
+def _searched(spec: SweepSpec, trial: Trial) -> bool:
+    return any(e.label == trial.label and e.searched for e in spec.methods)
+
+
+def _objectives(spec: SweepSpec, classifier: torch.nn.Module, assets,
+                device: torch.device) -> dict[str, float]:
+    """The fitted model's ID validation accuracy, ECE and NLL (never a test set): what a
+    searcher may optimise (`search.objectives`)."""
+    logits, labels = predict(classifier, assets.bench.val.dataset, device, spec.eval.batch_size,
+                             spec.eval.num_workers, spec.eval.precision)
+    return {"val_acc": accuracy(logits, labels),
+            "val_ece": expected_calibration_error(logits, labels),
+            "val_nll": negative_log_likelihood(logits, labels)}
 
 
 def _validation(spec: SweepSpec, trial: Trial, assets, device: torch.device):
@@ -185,7 +205,8 @@ def _train_data_parallel(spec: SweepSpec, trial: Trial, feature_paths: dict, che
             callbacks=[TuneReportCallback()]))
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        tune.report({"fitted": True, "history": result.metrics["history"]},
+        tune.report({k: v for k, v in result.metrics.items()
+                     if k in ("fitted", "history", OBJECTIVES)},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 
 

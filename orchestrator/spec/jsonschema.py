@@ -8,9 +8,8 @@ import types
 import typing
 from typing import Any, Union, get_args, get_origin
 
-from orchestrator.spec.types import (BenchmarkSpec, EvalSpec, FeaturesSpec, ModelSpec,
-                                     ReportSpec, ResourcesSpec, SearchSpec,
-                                     ShiftSpec)
+from orchestrator.spec.types import (RANGE_KINDS, BenchmarkSpec, EvalSpec, FeaturesSpec,
+                                     ModelSpec, ReportSpec, ResourcesSpec, SearchSpec, ShiftSpec)
 from trainers.data.suites import SUITES
 from trainers.ensembles import REGISTRY as ENSEMBLES
 from trainers.methods import REGISTRY as METHODS
@@ -80,10 +79,20 @@ def _method_entry(name: str, with_grid: bool) -> dict:
     extra = {"name": {"const": name}, "label": {"type": "string"}}
     if with_grid:
         options = dataclass_schema(method.options)["properties"]
+        # a list of values (the grid), or a numeric option's range (searched: `search:`)
+        ends = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+        searched = {"type": "object", "minProperties": 1, "maxProperties": 1,
+                    "additionalProperties": False,
+                    "properties": {kind: ends for kind in RANGE_KINDS},
+                    "description": "searched by `search: {searcher: optuna}`"}
+
+        def values(p: dict) -> dict:
+            listed = {"type": "array", "items": {k2: v for k2, v in p.items() if k2 != "default"}}
+            kinds = [p.get("type")] + [o.get("type") for o in p.get("anyOf", [])]
+            return {"anyOf": [listed, searched]} if {"number", "integer"} & set(kinds) else listed
         extra["grid"] = {"type": "object", "additionalProperties": False, "properties": {
             "seed": {"type": "array", "items": {"type": "integer"}},
-            **{k: {"type": "array", "items": {k2: v for k2, v in p.items() if k2 != "default"}}
-               for k, p in options.items()}}}
+            **{k: values(p) for k, p in options.items()}}}
     schema = dataclass_schema(method.options, extra, required=("name",))
     schema["description"] = f"{name}: {method.paper}"
     return schema

@@ -16,9 +16,9 @@ import yaml
 
 from orchestrator.spec.plugins import import_plugins
 from orchestrator.spec.schema import SpecError, coerce, field_types, parse_dataclass
-from orchestrator.spec.types import (BenchmarkSpec, EnsembleEntry, EvalSpec, FeaturesSpec,
-                                     MethodEntry, ModelSpec, ReportSpec, ResourcesSpec,
-                                     SearchSpec, SweepSpec)
+from orchestrator.spec.types import (RANGE_KINDS, BenchmarkSpec, EnsembleEntry, EvalSpec,
+                                     FeaturesSpec, MethodEntry, ModelSpec, Range, ReportSpec,
+                                     ResourcesSpec, SearchSpec, SweepSpec)
 from orchestrator.storage import check_uri, is_uri
 from trainers.data.suites import SUITES
 from trainers.ensembles import REGISTRY as ENSEMBLES
@@ -56,6 +56,7 @@ def parse_spec(raw: Any, source_file: Path | None = None) -> SweepSpec:
     features = parse_dataclass(FeaturesSpec, raw.get("features"), "features")
     report = parse_dataclass(ReportSpec, raw.get("report"), "report")
     search = _parse_search(raw.get("search"), methods)
+    _check_searched(methods, search, "methods" in raw)
     _check_batches_split(methods, resources)
     model = _absolute_paths(model, ("pretrained", "config"))
     benchmark = _absolute_paths(benchmark, ("root", "train", "val", "test"))
@@ -212,7 +213,7 @@ def _parse_method_entry(data: Any, path: str, grid_path: str | None = None) -> M
     return MethodEntry(label, name, options, grid)
 
 
-def _parse_grid(data: Any, method: str, options: Any, path: str) -> dict[str, list[Any]]:
+def _parse_grid(data: Any, method: str, options: Any, path: str) -> dict[str, list[Any] | Range]:
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -224,8 +225,12 @@ def _parse_grid(data: Any, method: str, options: Any, path: str) -> dict[str, li
         if key != "seed" and key not in types_:
             raise SpecError(where, f"not an option of method {method!r} (options: "
                                    f"{', '.join(types_) or 'none'}; or 'seed')")
+        if isinstance(values, dict) and key != "seed":
+            grid[key] = _parse_range(values, types_[key], options, key, where)
+            continue
         if not isinstance(values, list) or not values:
-            raise SpecError(where, "expected a non-empty list of values")
+            raise SpecError(where, "expected a non-empty list of values, or a range "
+                                   "({loguniform: [low, high]}, uniform or int)")
         tp = int if key == "seed" else types_[key]
         grid[key] = [coerce(v, tp, f"{where}[{i}]") for i, v in enumerate(values)]
         for i, value in enumerate(grid[key]):
@@ -238,6 +243,41 @@ def _parse_grid(data: Any, method: str, options: Any, path: str) -> dict[str, li
             except ValueError as err:
                 raise SpecError(f"{where}[{i}]", str(err)) from None
     return grid
+
+
+def _parse_range(data: dict, tp: Any, options: Any, key: str, where: str) -> Range:
+    """`{loguniform: [low, high]}` (or uniform, int) for a numeric option: a searched one."""
+    if len(data) != 1 or next(iter(data)) not in RANGE_KINDS:
+        raise SpecError(where, f"a range is one of {', '.join(f'{{{k}: [low, high]}}' for k in RANGE_KINDS)}")
+    kind, ends = next(iter(data.items()))
+    if tp not in (float, int, float | None, int | None):
+        raise SpecError(where, f"a range needs a numeric option; {key} is not one")
+    if tp in (int, int | None) and kind != "int":
+        raise SpecError(where, f"{key} takes whole numbers: use {{int: [low, high]}}")
+    if not isinstance(ends, list) or len(ends) != 2:
+        raise SpecError(f"{where}.{kind}", "expected [low, high]")
+    low, high = (coerce(v, float, f"{where}.{kind}[{i}]") for i, v in enumerate(ends))
+    try:
+        found = Range(kind, low, high)
+        for end in (low, high):          # both ends must make valid options
+            dataclasses.replace(options, **{key: int(end) if kind == "int" else end})
+    except ValueError as err:
+        raise SpecError(where, str(err)) from None
+    return found
+
+
+def _check_searched(methods: tuple[MethodEntry, ...], search: SearchSpec, multi: bool) -> None:
+    """Ranges need a searcher, and a searcher needs a range."""
+    searched = [i for i, e in enumerate(methods) if e.searched]
+    if searched and search.searcher is None:
+        i = searched[0]
+        key = next(k for k, v in methods[i].grid.items() if isinstance(v, Range))
+        where = f"methods[{i}].grid.{key}" if multi else f"grid.{key}"
+        raise SpecError(where, "a range is searched: add `search: {searcher: optuna}` "
+                               "(or give a list of values)")
+    if search.searcher is not None and not searched:
+        raise SpecError("search.searcher", "no method entry has a range in its grid to search "
+                                           "(e.g. lr: {loguniform: [1.0e-6, 1.0e-4]})")
 
 
 def _check_batches_split(methods: tuple[MethodEntry, ...], resources: ResourcesSpec) -> None:

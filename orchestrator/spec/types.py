@@ -286,19 +286,57 @@ class ReportSpec:
 
 
 SCHEDULERS = ("asha",)
+SEARCHERS = ("optuna",)
+# what a searcher may optimise: metrics of a trial's fitted model on ID validation, and
+# which way (never a test set)
+OBJECTIVES = {"val_acc": "maximize", "val_ece": "minimize", "val_nll": "minimize"}
+RANGE_KINDS = ("uniform", "loguniform", "int")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A searched option's range in a method entry's grid, e.g. `lr: {loguniform: [1e-6,
+    1e-4]}` (`int`: whole numbers, both ends included)."""
+
+    kind: str
+    low: float
+    high: float
+
+    def __post_init__(self):
+        if self.kind not in RANGE_KINDS:
+            raise ValueError(f"a range is one of {', '.join(RANGE_KINDS)}, got {self.kind!r}")
+        if not self.low < self.high:
+            raise ValueError(f"a range needs low < high, got [{self.low:g}, {self.high:g}]")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low:g}")
+        if self.kind == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"int needs whole numbers, got [{self.low:g}, {self.high:g}]")
+
+    def describe(self) -> str:
+        return f"{self.kind} [{self.low:g}, {self.high:g}]"
 
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """Early stopping of training trials with Ray Tune's ASHA (asynchronous successive
-    halving, Li et al., MLSys 2020, https://arxiv.org/abs/1810.05934). Each trial of the
-    searched entries measures its ID validation accuracy after every epoch of its main
-    phase; at epochs grace_period * reduction_factor^k a trial below the best
-    1/reduction_factor of those that reached that epoch before it stops. A stopped trial is
-    recorded as stopped (its epoch and last metrics) and no ensemble or soup uses it.
-    Selection reads ID validation only, never a test set."""
+    """Search beyond the grid. `scheduler: asha`: early stopping of training trials with
+    Ray Tune's ASHA (asynchronous successive halving, Li et al., MLSys 2020,
+    https://arxiv.org/abs/1810.05934). Each trial of the searched entries measures its ID
+    validation accuracy after every epoch of its main phase; at epochs grace_period *
+    reduction_factor^k a trial below the best 1/reduction_factor of those that reached
+    that epoch before it stops. A stopped trial is recorded as stopped (its epoch and last
+    metrics) and no ensemble or soup uses it. `searcher: optuna`: Optuna's TPE sampler
+    (Bergstra et al. 2011; several objectives: its multi-objective form) proposes the
+    trials of every entry whose grid holds a range. Both read ID validation only, never a
+    test set."""
 
     scheduler: str | None = None          # "asha"; unset: every trial runs all its epochs
+    # Optuna (TPE) proposes the trials of entries whose grid holds ranges, n_trials each,
+    # in rounds of as many as run at once; each told its fitted model's `objectives`
+    searcher: str | None = None           # "optuna"
+    n_trials: int = 8                     # trials per searched entry
+    objectives: list[str] = field(default_factory=lambda: ["val_acc"])
+    seed: int = 0                         # the sampler's seed: the same file, the same trials
+    startup_trials: int | None = None     # random proposals before TPE (unset: Optuna's 10)
     grace_period: int = 1                 # epochs every trial runs before it may stop
     reduction_factor: float = 3.0         # each rung keeps the best 1/reduction_factor
     # the method entries (labels) it may stop; unset: every entry that trains (entries
@@ -313,6 +351,24 @@ class SearchSpec:
             raise ValueError(f"grace_period must be >= 1, got {self.grace_period}")
         if not self.reduction_factor > 1:
             raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+        if self.searcher is not None and self.searcher not in SEARCHERS:
+            raise ValueError(f"searcher must be one of {', '.join(SEARCHERS)} or unset, "
+                             f"got {self.searcher!r}")
+        if self.searcher is not None and self.scheduler is not None:
+            raise ValueError("scheduler: early stopping and a searcher are not combined yet "
+                             "(the searcher's rounds are separate Tune runs); use one")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
+        if not self.objectives:
+            raise ValueError("objectives: name at least one")
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise ValueError(f"objectives: {name!r} is not one of {', '.join(OBJECTIVES)} "
+                                 "(ID validation only: a search never reads a test set)")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError("objectives: a metric is listed twice")
+        if self.startup_trials is not None and self.startup_trials < 1:
+            raise ValueError(f"startup_trials must be >= 1, got {self.startup_trials}")
 
     def searches(self, label: str) -> bool:
         """Whether the trials of method entry `label` validate each epoch and may stop."""
@@ -327,14 +383,27 @@ class MethodEntry:
     label: str
     method_name: str                # the registered method
     options: Any
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any] | Range]      # a Range: searched (search.searcher)
+    # the searched entry's trials so far, as the searcher proposed them (the driver adds
+    # them round by round; the journal keeps them for --resume)
+    proposals: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def searched(self) -> bool:
+        """Its trials come from a searcher (a range in its grid), not from the grid."""
+        return any(isinstance(v, Range) for v in self.grid.values())
 
     def points(self) -> list[tuple[dict[str, Any], Any, int]]:
-        """(grid values, options, seed) per grid point, in file order (last key fastest)."""
-        keys = list(self.grid)
+        """(grid values, options, seed) per grid point, in file order (last key fastest);
+        of a searched entry, per proposal so far."""
+        if self.searched:
+            combos = [dict(p) for p in self.proposals]
+        else:
+            keys = list(self.grid)
+            combos = [dict(zip(keys, values))
+                      for values in itertools.product(*(self.grid[k] for k in keys))]
         out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
-            hparams = dict(zip(keys, values))
+        for hparams in combos:
             overrides = {k: v for k, v in hparams.items() if k != "seed"}
             out.append((hparams, dataclasses.replace(self.options, **overrides),
                         hparams.get("seed", 0)))
@@ -372,9 +441,15 @@ class SweepSpec:
     experiment: str
     plugins: tuple[str, ...] = ()   # modules and files imported for their methods/ensembles
     report: ReportSpec = field(default_factory=ReportSpec)   # plot settings
-    search: SearchSpec = field(default_factory=SearchSpec)   # early stopping (ASHA)
+    search: SearchSpec = field(default_factory=SearchSpec)   # early stopping, a searcher
     source_file: Path | None = None
     text: str = ""             # the effective sweep file (with command-line overrides applied)
+
+    def with_proposals(self, proposals: dict[str, list[dict[str, Any]]]) -> "SweepSpec":
+        """The spec with the searched entries' trials so far ({label: [hparams, ...]})."""
+        return dataclasses.replace(self, methods=tuple(
+            dataclasses.replace(e, proposals=tuple(dict(p) for p in proposals[e.label]))
+            if e.label in proposals else e for e in self.methods))
 
     def __reduce__(self):
         # Ray ships the spec to every worker: there, the plug-ins must be imported before

@@ -265,6 +265,62 @@ def test_shrunken_toy_sweep_with_early_stopping(ray_local, toy_clip, tmp_path):
     assert "ft-01_lr=0.001 stopped after 1 epoch(s), ID val acc" in report.output
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_an_optuna_search_proposes_by_rounds_and_every_command_reads_its_trials(
+        ray_local, toy_clip, tmp_path):
+    """Three FT trials proposed by Optuna over a log-uniform learning rate and two seeds,
+    two at a time (a round of 2, then 1), each told its ID validation accuracy and ECE:
+    the proposals are in the journal before they train, every trial is an MLflow run with
+    its scores, and `orch report` and `orch export` read the proposed trials back."""
+    import json
+    spec = {"name": "toy-search", "benchmark": {"source": "toyworld", "train_size": 128,
+                                                "eval_size": 50},
+            "model": {"arch": "toy"},
+            "methods": [{"name": "ft", "lr": 1e-4, "epochs": 1, "batch_size": 32,
+                         "warmup_steps": 1,
+                         "grid": {"lr": {"loguniform": [1e-5, 1e-2]}, "seed": [0, 1]}}],
+            "ensembles": [{"name": "wise_ft", "alpha": [0.0, 0.5, 1.0]}],
+            "search": {"searcher": "optuna", "n_trials": 3, "startup_trials": 2,
+                       "objectives": ["val_acc", "val_ece"]},
+            "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
+            "features": {"cache_dir": str(tmp_path / "features")},
+            "storage_path": str(tmp_path / "runs")}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = CliRunner().invoke(main, ["sweep", str(path)], env=env)
+    assert result.exit_code == 0, result.output
+    assert "[search] ft: Optuna proposes 2 trial(s) (2/3)" in result.output
+    assert "[search] ft: Optuna proposes 1 trial(s) (3/3)" in result.output
+    assert "[search] ft: best on val_acc, val_ece: ft-0" in result.output
+    (journal,) = (tmp_path / "runs").glob("*/sweep.json")
+    proposals = json.loads(journal.read_text())["search_proposals"]["ft"]
+    assert len(proposals) == 3
+    for p in proposals:
+        assert 1e-5 <= p["lr"] <= 1e-2 and float(f"{p['lr']:.3g}") == p["lr"]
+        assert p["seed"] in (0, 1)
+    names = [f"ft-{i:02d}_lr={p['lr']}_seed={p['seed']}" for i, p in enumerate(proposals)]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("toy-search")
+    trains = {r.info.run_name: r for r in client.search_runs(
+        [experiment.experiment_id], "tags.`orch.kind` = 'train'")}
+    assert sorted(trains) == sorted(names)
+    for name, p in zip(names, proposals):
+        run = trains[name]
+        assert float(run.data.params["lr"]) == p["lr"]
+        assert 0.0 <= run.data.metrics["search_val_acc"] <= 1.0
+        assert 0.0 <= run.data.metrics["search_val_ece"] <= 1.0
+    evals = client.search_runs([experiment.experiment_id], "tags.`orch.kind` = 'eval'")
+    assert len(evals) == 3 * (1 + 3)
+    report = CliRunner().invoke(main, ["report"], env=env)
+    assert report.exit_code == 0 and any(n in report.output for n in names), report.output
+    exported = CliRunner().invoke(main, ["export", str(journal.parent), str(tmp_path / "model.pt"),
+                                         "--trial", names[2]], env=env)
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "model.pt").is_file()
+
+
 @pytest.mark.e2e
 def test_report_names_a_sweep_or_says_there_is_none(finished_sweep, tmp_path):
     _, uri, _ = finished_sweep

@@ -204,6 +204,15 @@ def _multi(**changes):
     return data
 
 
+def _searched(grid: dict, search: dict | None = {"searcher": "optuna"}) -> dict:    # noqa: B006
+    """A two-entry file whose second entry (ft) has `grid`, with `search` (None: none)."""
+    data = {k: v for k, v in MULTI.items() if k != "ensembles"}
+    data["methods"] = [{"name": "zeroshot"}, {"name": "ft", "lr": 3e-4, "grid": grid}]
+    if search is not None:
+        data["search"] = search
+    return data
+
+
 @pytest.mark.parametrize("data, field, words", [
     (_multi(methods=[{"name": "ft"}, {"name": "ft"}]), "methods[1].label", "give each a distinct"),
     (_multi(method={"name": "ft"}), "method", "either `methods:`"),
@@ -227,6 +236,25 @@ def _multi(**changes):
     (_multi(search={"scheduler": "asha", "methods": ["zeroshot"]}), "search.methods[0]",
      "not a trained method entry"),
     (_multi(search={"scheduler": "asha", "metric": "val_acc"}), "search.metric", "unknown key"),
+    # ranges and the searcher
+    (_searched({"lr": {"loguniform": [0, 1e-3]}}), "methods[1].grid.lr", "low > 0"),
+    (_searched({"lr": {"uniform": [1e-3, 1e-4]}}), "methods[1].grid.lr", "low < high"),
+    (_searched({"lr": {"normal": [1e-4, 1e-3]}}), "methods[1].grid.lr", "a range is one of"),
+    (_searched({"lr": {"uniform": [1e-4]}}), "methods[1].grid.lr.uniform", "[low, high]"),
+    (_searched({"epochs": {"uniform": [1, 3]}}), "methods[1].grid.epochs", "{int: [low, high]}"),
+    (_searched({"lr": {"uniform": [-1.0, 1e-3]}}), "methods[1].grid.lr", "lr"),
+    (_searched({"lr": {"loguniform": [1e-5, 1e-3]}}, search=None), "methods[1].grid.lr",
+     "add `search: {searcher: optuna}`"),
+    (_searched({"lr": [1e-4]}), "search.searcher", "no method entry has a range"),
+    (_searched({"lr": {"loguniform": [1e-5, 1e-3]}}, search={"searcher": "optuna",
+                                                              "scheduler": "asha"}),
+     "search.scheduler", "not combined yet"),
+    (_searched({"lr": {"loguniform": [1e-5, 1e-3]}}, search={"searcher": "optuna",
+                                                              "objectives": ["id_acc"]}),
+     "search.objectives", "never reads a test set"),
+    (_searched({"lr": {"loguniform": [1e-5, 1e-3]}}, search={"searcher": "optuna",
+                                                              "n_trials": 0}),
+     "search.n_trials", "must be >= 1"),
 ])
 def test_bad_multi_method_files_name_the_field(tmp_path, data, field, words):
     result = CliRunner().invoke(main, ["sweep", str(write(tmp_path, data)), "--dry-run"])
@@ -322,3 +350,20 @@ def test_search_stops_only_the_entries_it_names(tmp_path):
     assert all(every.search.searches(e.label) for e in every.methods)
     assert not any(load_spec(write(tmp_path, _multi())).search.searches(e.label)
                    for e in spec.methods)
+
+
+def test_a_searched_entry_has_the_trials_proposed_so_far(tmp_path):
+    """A range makes an entry searched: the plan holds no trial of it until the searcher
+    proposes some (the journal keeps them), then one per proposal, named like grid trials."""
+    spec = load_spec(write(tmp_path, _searched({"lr": {"loguniform": [1e-5, 1e-3]},
+                                                "seed": [0, 1]})))
+    entry = spec.methods[1]
+    assert entry.searched and not spec.methods[0].searched
+    assert [t.label for t in Plan(spec).trials] == ["zeroshot"]
+    proposed = spec.with_proposals({"ft": [{"lr": 1.25e-4, "seed": 1}, {"lr": 3e-5, "seed": 0}]})
+    trials = [t for t in Plan(proposed).trials if t.label == "ft"]
+    assert [t.name for t in trials] == ["ft-00_lr=0.000125_seed=1", "ft-01_lr=3e-05_seed=0"]
+    assert trials[0].options.lr == 1.25e-4 and trials[0].seed == 1
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "sweep.yaml"), "--dry-run"])
+    assert "8 trial(s) proposed by optuna over lr: loguniform [1e-05, 0.001], seed: [0, 1]" \
+        in result.output, result.output
