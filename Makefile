@@ -23,7 +23,10 @@ test-fast: $(STAMP)  ## the suite without the e2e tests: no Ray, no subprocesses
 # CPU benchmarks (bench/knn.py uses a GPU when there is one), then bench/gpu.py only
 # where torch sees a GPU. Record what they print in bench/RESULTS.md.
 # Each script also writes its figures into $(BENCH_SUMMARY); the last step prints them as
-# one table with the machine (what bench/RESULTS.md keeps). About 45 minutes on 2 cores.
+# one table with the machine (what bench/RESULTS.md keeps). About 40 minutes on 2 cores.
+# The ImageNet-shaped job runs at 10 % and 30 % of its size here; at full size it takes
+# over half an hour of a 2-core CPU (its kNN alone grows with the square of the size):
+# `bench/ensemble_stage.py --sizes 1.0` on a bigger machine.
 BENCH_SUMMARY ?= $(or $(TMPDIR),/tmp)/orch-bench-summary.jsonl
 bench: $(STAMP)  ## the benchmarks (bench/RESULTS.md): ratios against plain loops, side by side
 	$(PY) -m trainers.toyworld.pretrain
@@ -31,7 +34,7 @@ bench: $(STAMP)  ## the benchmarks (bench/RESULTS.md): ratios against plain loop
 	export ORCH_BENCH_SUMMARY=$(BENCH_SUMMARY); \
 	$(PY) bench/knn.py && \
 	$(PY) bench/ensemble_sweep.py --no-ts --baseline-points 5 && \
-	$(PY) bench/ensemble_stage.py && \
+	$(PY) bench/ensemble_stage.py --sizes 0.1 0.3 && \
 	$(PY) bench/input_feed.py && \
 	$(PY) bench/feature_cache.py --jpegs 6000 && \
 	$(PY) bench/feature_cache.py --models 10 && \
