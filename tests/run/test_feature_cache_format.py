@@ -29,12 +29,18 @@ def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
 def write_entry(folder, features: np.ndarray, labels: np.ndarray, files: int = 1,
                 fmt: int = FORMAT_VERSION, logits: np.ndarray | None = None,
                 order: np.ndarray | None = None) -> None:
-    """An entry as `_commit` writes it (format 1 when asked: a logits column, no sha256);
+    """An entry in `files` files: format 2 by the cache's own writer (`features.write_entry`,
+    one file per part); format 1 by hand, as it was (a logits column, no sha256).
     `order`: the rows' order across the files (Ray Data's blocks finish in any order)."""
+    order = np.arange(len(features)) if order is None else order
+    parts = np.array_split(order, files)
+    if fmt >= 2 and logits is None:
+        fc.write_entry(folder, ((rows, labels[rows], features[rows]) for rows in parts),
+                       rows_per_file=1)
+        return
     folder.mkdir(parents=True)
     entries = []
-    order = np.arange(len(features)) if order is None else order
-    for i, rows in enumerate(np.array_split(order, files)):
+    for i, rows in enumerate(parts):
         columns = {"index": pa.array(rows), "label": pa.array(labels[rows]),
                    "features": fc._fixed_list(features[rows])}
         if logits is not None:
@@ -126,6 +132,7 @@ def test_a_training_split_is_read_a_batch_at_a_time_keeping_only_the_rows_asked_
 def test_files_are_hashed_once_per_process_and_damage_is_named(tmp_path, monkeypatch):
     entry = tmp_path / "entry"
     write_entry(entry, unit_rows(200, 8), np.arange(200) % 3, files=2)
+    fc._HASHED.clear()                                    # a process that did not write it
     hashed = []
     real = hashlib.sha256
     monkeypatch.setattr(fc.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))

@@ -120,7 +120,8 @@ def mixture_metrics(zero_shot: MemberOutputs, fine_tuned: MemberOutputs, mixture
     n_points = mixture.weights[ID_VAL].shape[0]
     results: list[dict] = [{} for _ in range(n_points)]
     # one temperature per point, from ID validation; then one set at a time (ImageNet's
-    # six sets' log-probabilities of both members are 1.4 GB; one set's is at most 0.4)
+    # six sets' log-probabilities of both members are 1.4 GB; one set's is at most 0.4;
+    # ID validation's are computed again in the loop rather than held meanwhile)
     temperatures = _mixture_temperatures(log_probs(ID_VAL), mixture.weights[ID_VAL],
                                          zero_shot.labels[ID_VAL]) if with_ts else None
     for name in eval_sets:
