@@ -281,8 +281,12 @@ def run_sweep(spec: SweepSpec, tracking_uri: str, address: str | None = None,
                            sync_hint=f" in {journal.root}; `orch sync {journal.root}` writes "
                                      "them to MLflow later").open()     # fail fast
     trained = plan.trained
+    searching = sum(spec.search.n_trials - len(e.proposals) for e in spec.methods if e.searched)
     echo(f"sweep {sweep_id}{' (resumed)' if resume else ''}: {len(trained)} training "
-         f"trial(s) of {len(spec.methods)} method(s), {plan.num_points()} point(s) to evaluate")
+         f"trial(s) of {len(spec.methods)} method(s)"
+         + (f" and {searching} more to propose by {spec.search.searcher}" if searching else "")
+         + f", {plan.num_points()} point(s) to evaluate"
+         + (" before the search's" if searching else ""))
     sweep = Sweep(plan, journal, records, echo, verbose, live)
     LIVE[sweep_id] = sweep
     # orch handles Ctrl-C itself (Tune's own handler would swallow the first one and let
