@@ -460,8 +460,9 @@ def _search_stage(sweep: Sweep, feature_paths: dict) -> dict[str, str]:
     entries = [e for e in spec.methods if e.searched]
     if not entries:
         return {}
-    width = concurrent_trials(r, r.workers_per_trial > 1, Have.now()) or \
-        Have.now().fits(r.cpus_per_trial, r.gpus_per_trial)
+    have = Have.now()
+    width = concurrent_trials(r, r.workers_per_trial > 1, have) or \
+        have.fits(r.cpus_per_trial, r.gpus_per_trial)
     proposals = {e.label: list(e.proposals) for e in entries}
     models: dict[str, str] = {}
     for entry in entries:

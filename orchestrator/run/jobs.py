@@ -40,11 +40,16 @@ def _member(feature_paths: dict, model: str, sets: list[str], with_features: boo
         feature_rows={s: c.feature_rows for s, c in cached.items() if c.feature_rows is not None})
 
 
+def _feature_readers(ensembles: list) -> list[OutputEnsemble]:
+    """The output-space ensembles among `ensembles` that read image features."""
+    return [e.ensemble for e in ensembles
+            if isinstance(e.ensemble, OutputEnsemble) and e.ensemble.needs_features]
+
+
 def train_feature_rows(ensembles: list, zero_shot: MemberOutputs) -> torch.Tensor | None:
     """The training rows whose fine-tuned features the trial's output-space ensembles
     read: the union of what each asks for (`OutputEnsemble.train_rows`); None: all."""
-    readers = [e.ensemble for e in ensembles
-               if isinstance(e.ensemble, OutputEnsemble) and e.ensemble.needs_features]
+    readers = _feature_readers(ensembles)
     if not readers or any(r.train_rows is None for r in readers):
         return None
     predicted, labels = zero_shot.predicted(ID_TRAIN).cpu(), zero_shot.labels[ID_TRAIN].cpu()
@@ -92,8 +97,7 @@ def cached_points(feature_paths: dict, zero_shot_head: torch.nn.Module,
     alone, then each ensemble's points. What bounds a job's memory on ImageNet: logits of
     the eval sets only, the training split as top classes, and of its features only the
     rows the ensembles ask for (`bench/ensemble_stage.py` measures it)."""
-    needs_features = any(isinstance(e.ensemble, OutputEnsemble) and e.ensemble.needs_features
-                         for e in ensembles) and fine_tuned is not None
+    needs_features = fine_tuned is not None and bool(_feature_readers(ensembles))
     sets = list(eval_sets) + ([ID_TRAIN] if needs_features else [])
     # the kNN index and queries are the fine-tuned model's features: the zero-shot
     # member's are never read (a 1.28 M x 512 training split is 2.6 GB)
